@@ -1,0 +1,91 @@
+"""Batching: training examples -> text lists + ids + scores; evaluation texts -> length-sorted batches.
+
+Batches carry raw text; the LightningModule tokenizes them with its model's query/document settings, so
+the data layer never needs the tokenizer and the same dataset serves any model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from embedlab.data.errors import DataError
+from embedlab.data.records import Example
+
+
+def text_id(text: str) -> str:
+    """Stable id of a text without one: the same text gets the same id in every process and run."""
+    return "h:" + hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+class ExampleDataset(Dataset):
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+def collate_examples(examples: list[Example]) -> dict:
+    """list[Example] -> {query, positive: list[str]; negatives: list[str] (B*n, grouped by example) or None;
+    num_negatives; scores: (B,) float tensor or None; query_ids / positive_ids / negative_ids}."""
+    n = len(examples[0].negatives)
+    if any(len(e.negatives) != n for e in examples):
+        counts = sorted({len(e.negatives) for e in examples})
+        raise DataError(f"every example in a batch needs the same number of negatives; this batch has {counts}")
+    has_scores = [e.score is not None for e in examples]
+    if any(has_scores) and not all(has_scores):
+        raise DataError("some examples in a batch have a score and others do not")
+    batch = {
+        "query": [e.query for e in examples],
+        "positive": [e.positive for e in examples],
+        "negatives": [t for e in examples for t in e.negatives] if n else None,
+        "num_negatives": n,
+        "scores": torch.tensor([float(e.score) for e in examples]) if all(has_scores) else None,
+        "query_ids": [e.query_id or text_id(e.query) for e in examples],
+        "positive_ids": [e.positive_id or text_id(e.positive) for e in examples],
+        "negative_ids": [
+            (e.negative_ids[j] if j < len(e.negative_ids) and e.negative_ids[j] else text_id(t))
+            for e in examples
+            for j, t in enumerate(e.negatives)
+        ],
+    }
+    if examples[0].teacher_scores is not None:
+        batch["teacher_scores"] = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)
+    return batch
+
+
+class EncodeBatches(Dataset):
+    """Pre-built, length-sorted batches of texts to embed for evaluation (one item = one batch).
+
+    Each item: ``{"key", "kind", "index": (b,) positions in the request, "texts"}``. Longest texts come
+    first so each batch pads little, and a batch never mixes queries with documents.
+    """
+
+    def __init__(self, requests, batch_size: int) -> None:
+        self.batches = []
+        self.sizes = {}
+        for req in requests:
+            self.sizes[req.key] = len(req.texts)
+            order = sorted(range(len(req.texts)), key=lambda i: -len(req.texts[i]))
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                self.batches.append(
+                    {"key": req.key, "kind": req.kind, "index": torch.tensor(idx), "texts": [req.texts[i] for i in idx]}
+                )
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+
+def identity_collate(item):
+    return item

@@ -1,0 +1,136 @@
+"""Data sources: where a split's examples or evaluation task come from, one class per on-disk layout.
+
+A source built from config (``_target_``) offers:
+- ``examples()``: training :class:`Example` records;
+- ``task()``: an evaluation task (:class:`RetrievalTask` or :class:`STSTask`);
+- ``carve(fraction, seed)``: training examples and a held-out evaluation task, for datasets without a
+  validation split (seeded and disjoint: by query for retrieval data, by pair otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from embedlab.data import readers
+from embedlab.data.errors import DataError
+from embedlab.data.records import Example, RetrievalTask, STSTask
+
+
+class BeirSource:
+    """A BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``).
+
+    Training examples are (query, relevant document) pairs from the split's qrels (score >= 1).
+    With ``download=true`` a missing folder is fetched from the BEIR mirror first (online users only).
+    """
+
+    def __init__(self, folder: str, split: str = "test", name: str | None = None, download: bool = False) -> None:
+        self.folder = Path(folder)
+        self.split = split
+        self.name = name or self.folder.name
+        if download and not self.folder.is_dir():
+            readers.beir_download(self.name, self.folder.parent)
+
+    def task(self) -> RetrievalTask:
+        return readers.load_beir(self.folder, split=self.split)
+
+    def examples(self, query_ids=None) -> list[Example]:
+        return readers.beir_training_pairs(self.folder, split=self.split, query_ids=query_ids)
+
+    def carve(self, fraction: float, seed: int) -> tuple[list[Example], RetrievalTask]:
+        """Hold out ``fraction`` of the split's queries (with all their qrels) as a validation task."""
+        full = self.task()
+        val_ids, train_ids = readers.carve_split(sorted(full.queries), fraction, seed)
+        val_ids = set(val_ids)
+        val = RetrievalTask(
+            corpus=full.corpus,
+            queries={q: t for q, t in full.queries.items() if q in val_ids},
+            qrels={q: r for q, r in full.qrels.items() if q in val_ids},
+            name=f"{self.name}-{self.split}-heldout",
+        )
+        return self.examples(query_ids=set(train_ids)), val
+
+
+class STSSource:
+    """An STS Benchmark file of the original release (tab-separated, score 0-5 in column 5)."""
+
+    def __init__(self, path: str, score_scale: float = 5.0) -> None:
+        self.path = Path(path)
+        self.score_scale = score_scale
+
+    def task(self) -> STSTask:
+        return readers.load_sts(self.path, score_scale=self.score_scale)
+
+    def examples(self) -> list[Example]:
+        return readers.sts_training_pairs(self.path, score_scale=self.score_scale)
+
+    def carve(self, fraction: float, seed: int) -> tuple[list[Example], STSTask]:
+        val, train = readers.carve_split(self.examples(), fraction, seed)
+        return train, examples_to_sts(val, f"{self.path.name}-heldout")
+
+
+class TableSource:
+    """Pairs, triplets or scored pairs from a local JSONL/CSV/TSV/Parquet file or a Hugging Face dataset.
+
+    ``columns`` maps embedlab's fields to the file's column names, e.g. ``{query: anchor, positive: pos}``.
+    As an evaluation task, pairs become retrieval (each query against all positives of the split) and
+    scored pairs become STS.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        kind: str = "pairs",
+        columns: dict | None = None,
+        split: str | None = None,
+        score_scale: float = 1.0,
+        format: str | None = None,
+    ) -> None:
+        self.path = path
+        self.kind = kind
+        self.columns = dict(columns) if columns else None
+        self.split = split
+        self.score_scale = score_scale
+        self.format = format
+
+    def examples(self) -> list[Example]:
+        return readers.load_examples(
+            self.path, kind=self.kind, columns=self.columns, split=self.split, score_scale=self.score_scale, format=self.format
+        )
+
+    def task(self) -> RetrievalTask | STSTask:
+        return self._as_task(self.examples(), f"{Path(str(self.path)).name}")
+
+    def carve(self, fraction: float, seed: int):
+        val, train = readers.carve_split(self.examples(), fraction, seed)
+        return train, self._as_task(val, f"{Path(str(self.path)).name}-heldout")
+
+    def _as_task(self, examples: list[Example], name: str):
+        if self.kind == "scored":
+            return examples_to_sts(examples, name)
+        return examples_to_retrieval(examples, name)
+
+
+def examples_to_sts(examples: list[Example], name: str) -> STSTask:
+    if not examples:
+        raise DataError(f"{name}: no scored pairs to evaluate")
+    return STSTask([e.query for e in examples], [e.positive for e in examples], [float(e.score) for e in examples], name)
+
+
+def examples_to_retrieval(examples: list[Example], name: str) -> RetrievalTask:
+    """Each query must find its own positive among all positives (and negatives) of the split."""
+    from embedlab.data.collate import text_id
+
+    corpus: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    for e in examples:
+        qid = e.query_id or text_id(e.query)
+        pid = e.positive_id or text_id(e.positive)
+        queries[qid] = e.query
+        corpus[pid] = e.positive
+        for neg, nid in zip(e.negatives, e.negative_ids or [None] * len(e.negatives)):
+            corpus[nid or text_id(neg)] = neg
+        qrels.setdefault(qid, {})[pid] = 1
+    if not queries:
+        raise DataError(f"{name}: no pairs to evaluate")
+    return RetrievalTask(corpus=corpus, queries=queries, qrels=qrels, name=name)

@@ -1,0 +1,52 @@
+"""``evaluate(cfg)``: score any bi-encoder on a dataset's test split and write ``metrics.json``.
+
+The model is a config (``model=minilm_l6``), a Hugging Face / sentence-transformers folder
+(``model.path=FOLDER``) or an embedlab checkpoint (``model.path=run/checkpoints/best.ckpt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from embedlab.data.errors import DataError
+from embedlab.evaluation.evaluators import build_evaluator
+from embedlab.training import instantiate_list, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate ``cfg.model`` on ``cfg.data``'s test source; returns (metrics, objects)."""
+    datamodule = instantiate(cfg.data)
+    if datamodule.test_source is None:
+        raise DataError(f"data config {cfg.data.get('name', '')!r} has no test source (data.test) to evaluate on")
+    task = datamodule.test_source.task()
+    evaluator = build_evaluator(task, **OmegaConf.to_container(cfg.eval, resolve=True))
+
+    model = instantiate(cfg.model).to(resolve_device(cfg.get("device")))
+    start = time.perf_counter()
+    metrics = evaluator.evaluate(model, prefix="test/", show_progress_bar=cfg.get("progress_bar", True))
+    metrics["test/eval_seconds"] = time.perf_counter() - start
+    for name, value in sorted(metrics.items()):
+        log.info("%s = %.4f", name, value)
+
+    write_metrics(metrics, Path(cfg.paths.output_dir))
+    loggers = instantiate_list(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_metrics(metrics)
+        lg.finalize("success")
+    return metrics, {"cfg": cfg, "model": model, "task": task, "evaluator": evaluator}

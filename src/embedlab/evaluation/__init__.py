@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics equal to pytrec_eval, memory-bounded exact search, STS, compression."""

@@ -1,0 +1,20 @@
+"""Losses: pure functions of one batch's embeddings (:class:`EmbeddedBatch`) returning named terms.
+
+Every loss returns a dict whose ``"loss"`` entry is optimized; the other entries are logged as
+``train/<term>``.
+"""
+
+from embedlab.losses.base import EmbeddedBatch, pairwise_similarity, similarity_matrix
+from embedlab.losses.contrastive import ContrastiveLoss, MultipleNegativesRankingLoss, TripletLoss
+from embedlab.losses.scored import CoSENTLoss, CosineSimilarityLoss
+
+__all__ = [
+    "CoSENTLoss",
+    "ContrastiveLoss",
+    "CosineSimilarityLoss",
+    "EmbeddedBatch",
+    "MultipleNegativesRankingLoss",
+    "TripletLoss",
+    "pairwise_similarity",
+    "similarity_matrix",
+]

@@ -1,0 +1,7 @@
+"""Plain ``nn.Module`` model components: backbone, pooling, normalization, bi-encoder."""
+
+from embedlab.models.bi_encoder import BiEncoder, ModelLoadError, Normalize, Transformer, load_checkpoint
+from embedlab.models.pooling import Pooling
+from embedlab.models.tiny import tiny_bi_encoder
+
+__all__ = ["BiEncoder", "ModelLoadError", "Normalize", "Pooling", "Transformer", "load_checkpoint", "tiny_bi_encoder"]

