@@ -64,7 +64,10 @@ def test_model_configs(model, tmp_path, tiny_data_root, monkeypatch):
 
 @pytest.mark.parametrize("loss", options("loss"))
 def test_loss_configs(loss, tmp_path, tiny_data_root):
-    cfg = compose_config("train", ["model=tiny", f"loss={loss}", f"data.root={tiny_data_root}"], tmp_path)
+    overrides = ["model=tiny", f"loss={loss}", f"data.root={tiny_data_root}"]
+    if loss == "matryoshka":
+        overrides.append("loss.dims=[8,4,2]")
+    cfg = compose_config("train", overrides, tmp_path)
     fn = instantiate(cfg.loss)
     from embedlab.losses import EmbeddedBatch
 

@@ -16,8 +16,9 @@ from embedlab.evaluation.evaluators import RetrievalEvaluator
 from embedlab.models import BiEncoder
 from embedlab.training import train
 from tests.conftest import PROJECT_ROOT, compose_config
+from tests.wandb_records import logged_run
 
-FAST = ["model=tiny", "trainer.max_epochs=2", "data.batch_size=4", "data.val_fraction=0.3", "trainer.accelerator=cpu"]
+FAST = ["model=tiny", "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "data.batch_size=4", "data.val_fraction=0.3", "trainer.accelerator=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +87,21 @@ def test_evaluate_checkpoint_and_folder_agree(trained, tmp_path, tiny_data_root)
 
 
 def test_wandb_offline_run_records_config_and_metrics(tmp_path, tiny_data_root, monkeypatch):
-    """W&B offline: the run folder holds the composed config and the validation/test metrics."""
+    """W&B offline: the run's transaction log holds the composed config, per-epoch val/* rows and test/*."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose_config("train", FAST + [f"data.root={tiny_data_root}", "logger=wandb", "trainer.max_epochs=1"], tmp_path)
+    cfg = compose_config("train", FAST + [f"data.root={tiny_data_root}", "logger=wandb"], tmp_path)
     metrics, _ = train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    files = runs[0] / "files"
-    summary = json.loads((files / "wandb-summary.json").read_text())
-    assert summary["test/ndcg@10"] == pytest.approx(metrics["test/ndcg@10"])
-    assert summary["val/ndcg@10"] == pytest.approx(metrics["val/ndcg@10"])
-    config_text = (files / "config.yaml").read_text()
-    assert "MultipleNegativesRankingLoss" in config_text and "tiny_bi_encoder" in config_text
+    run = logged_run(runs[0])
+    assert run["config"]["loss"]["_target_"] == "embedlab.losses.MultipleNegativesRankingLoss"
+    assert run["config"]["model"]["_target_"] == "embedlab.models.tiny_bi_encoder"
+    val_rows = [row for row in run["history"] if "val/ndcg@10" in row]
+    assert [row["epoch"] for row in val_rows] == [0, 1]  # one validation per epoch
+    assert val_rows[-1]["val/ndcg@10"] == pytest.approx(metrics["val/ndcg@10"])
+    assert any("train/mnrl" in row for row in run["history"])
+    assert run["summary"]["test/ndcg@10"] == pytest.approx(metrics["test/ndcg@10"])
+    assert run["summary"]["test/map@100"] == pytest.approx(metrics["test/map@100"])
 
 
 def test_sts_training_with_cosent(tmp_path, tiny_data_root):

@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedlab.data.errors import DataError
 from embedlab.evaluation.evaluators import build_evaluator
-from embedlab.training import instantiate_list, write_metrics
+from embedlab.evaluation.grid import report_grid
+from embedlab.training import close_loggers, instantiate_list, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for name, value in sorted(metrics.items()):
         log.info("%s = %.4f", name, value)
 
-    write_metrics(metrics, Path(cfg.paths.output_dir))
+    output_dir = Path(cfg.paths.output_dir)
+    write_metrics(metrics, output_dir)
     loggers = instantiate_list(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         lg.log_metrics(metrics)
-        lg.finalize("success")
+    if evaluator.last_grid:
+        files = report_grid(evaluator.last_grid, output_dir, "test_grid", loggers)
+        log.info("compression grid: %s, %s", files["csv"], files["png"])
+    close_loggers(loggers)
     return metrics, {"cfg": cfg, "model": model, "task": task, "evaluator": evaluator}

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,17 @@ def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
     flat = {k: float(v) for k, v in sorted(metrics.items())}
     path.write_text(json.dumps(flat, indent=2) + "\n")
     return path
+
+
+def close_loggers(loggers: list) -> None:
+    """Finalize loggers; W&B runs are finished so the offline run folder holds its summary and config."""
+    for lg in loggers:
+        lg.finalize("success")
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
 
 
 def _drop_monitors_without_validation(callbacks: list) -> list:
@@ -67,12 +78,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("model <%s> from %s", cfg.model._target_, cfg.model.get("path", "random init"))
     model = instantiate(cfg.model)
     loss = instantiate(cfg.loss)
-    module = instantiate(cfg.module, model=model, loss=loss, model_cfg=OmegaConf.to_container(cfg.model, resolve=True))
+    module = instantiate(cfg.module, model=model, loss=loss)
+    module.model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
 
     callbacks = instantiate_list(cfg.get("callbacks"))
     if datamodule.val_evaluator is None:
         callbacks = _drop_monitors_without_validation(callbacks)
     loggers = instantiate_list(cfg.get("logger"))
+    if not loggers:
+        # LearningRateMonitor refuses to run without a logger; the LR is then simply not recorded
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -97,8 +112,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         write_metrics(metrics, output_dir)
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")})
-        for lg in loggers:
-            lg.finalize("success")
+    close_loggers(loggers)
     objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "model_dir": model_dir, "best_checkpoint": best}
     return metrics, objects
 

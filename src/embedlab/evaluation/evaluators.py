@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from embedlab.data.records import RetrievalTask, STSTask
+from embedlab.evaluation.grid import CompressionGrid, GridCell
 from embedlab.evaluation.metrics import retrieval_metrics
 from embedlab.evaluation.search import exact_search, search_to_run
 
@@ -41,6 +42,9 @@ class RetrievalEvaluator:
         corpus_chunk_size / query_chunk_size: bound the search's memory (never a full queries x corpus matrix).
         batch_size: encoding batch size.
         ignore_identical_ids: drop a retrieved document whose id equals the query id (BEIR's option).
+        dims / precisions / pca / rescore_multiplier / rescore_with: the compression grid
+            (:class:`~embedlab.evaluation.grid.CompressionGrid`), evaluated from the same embeddings;
+            its cells are also kept in ``last_grid`` for tables and plots.
     """
 
     def __init__(
@@ -53,6 +57,11 @@ class RetrievalEvaluator:
         query_chunk_size: int = 1024,
         batch_size: int = 64,
         ignore_identical_ids: bool = False,
+        dims: Sequence[int] | None = None,
+        precisions: Sequence[str] = ("float32",),
+        pca: Sequence[int] | None = None,
+        rescore_multiplier: int = 4,
+        rescore_with: str = "int8",
         **_: object,
     ) -> None:
         self.task = task
@@ -65,6 +74,11 @@ class RetrievalEvaluator:
         self.ignore_identical_ids = ignore_identical_ids
         self.query_ids = list(task.queries)
         self.corpus_ids = list(task.corpus)
+        self.grid = CompressionGrid(
+            dims=dims, precisions=precisions, pca=pca, rescore_multiplier=rescore_multiplier, rescore_with=rescore_with,
+            score_function=score_function, query_chunk_size=query_chunk_size, corpus_chunk_size=corpus_chunk_size,
+        )
+        self.last_grid: list[GridCell] = []
 
     def encode_plan(self) -> list[EncodeRequest]:
         return [
@@ -84,12 +98,20 @@ class RetrievalEvaluator:
             query_chunk_size=self.query_chunk_size,
             corpus_chunk_size=self.corpus_chunk_size,
         )
+        metrics = self._score(scores, indices, prefix)
+        metrics[f"{prefix}search_seconds"] = time.perf_counter() - start
+        self.last_grid = []
+        if self.grid.enabled:
+            self.last_grid = self.grid.run(embeddings["query"], embeddings["document"], k, lambda s, i: self._score(s, i, ""))
+            for cell in self.last_grid:
+                metrics.update(cell.flat(prefix))
+        return metrics
+
+    def _score(self, scores: torch.Tensor, indices: torch.Tensor, prefix: str) -> dict[str, float]:
         run = search_to_run(scores, indices, self.query_ids, self.corpus_ids)
-        metrics = retrieval_metrics(
+        return retrieval_metrics(
             run, self.task.qrels, k_values=self.k_values, prefix=prefix, ignore_identical_ids=self.ignore_identical_ids
         )
-        metrics[f"{prefix}search_seconds"] = time.perf_counter() - start
-        return metrics
 
     def evaluate(self, model, prefix: str = "test/", show_progress_bar: bool = True) -> dict[str, float]:
         return self.compute(encode_plan(model, self.encode_plan(), self.batch_size, show_progress_bar), prefix)
@@ -101,6 +123,7 @@ class STSEvaluator:
     def __init__(self, task: STSTask, batch_size: int = 64, **_: object) -> None:
         self.task = task
         self.batch_size = batch_size
+        self.last_grid: list[GridCell] = []
 
     def encode_plan(self) -> list[EncodeRequest]:
         return [

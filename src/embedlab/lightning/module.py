@@ -13,6 +13,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
+from embedlab.evaluation.grid import report_grid
 from embedlab.losses.base import EmbeddedBatch
 from embedlab.models.bi_encoder import BiEncoder
 
@@ -25,7 +26,9 @@ class BiEncoderModule(L.LightningModule):
         loss: a loss taking an :class:`EmbeddedBatch` and returning ``{"loss": ..., <term>: ...}``.
         optimizer: partial optimizer (``_partial_: true``), completed with the parameters here.
         scheduler: partial ``(optimizer, num_training_steps) -> LR scheduler`` or ``None``; stepped per step.
-        model_cfg: the model's config, saved in checkpoints so ``evaluate.py model.path=x.ckpt`` rebuilds it.
+
+    ``model_cfg`` (set by ``train``) is the model's config; it is stored in checkpoints under
+    ``"embedlab_model_cfg"`` so ``evaluate.py model.path=x.ckpt`` can rebuild the model.
     """
 
     def __init__(
@@ -34,14 +37,13 @@ class BiEncoderModule(L.LightningModule):
         loss: torch.nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        model_cfg: dict | None = None,
     ) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained leaves HF models in eval mode: dropout off
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.save_hyperparameters({"model_cfg": model_cfg})
+        self.model_cfg: dict | None = None
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ------------------------------------------------------------------ training
@@ -66,6 +68,7 @@ class BiEncoderModule(L.LightningModule):
             query_ids=batch["query_ids"],
             positive_ids=batch["positive_ids"],
             negative_ids=batch["negative_ids"],
+            extras={"normalized": self.model.normalize is not None},
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -113,6 +116,12 @@ class BiEncoderModule(L.LightningModule):
         metrics = evaluator.compute(embeddings, prefix=f"{stage}/")
         for name, value in metrics.items():
             self.log(name, float(value), prog_bar=name.endswith("ndcg@10") or name.endswith("spearman_cosine"))
+        if evaluator.last_grid and self.trainer.is_global_zero:
+            stem = f"{stage}_grid" if stage == "test" else f"{stage}_grid_epoch{self.current_epoch:03d}"
+            report_grid(evaluator.last_grid, self.trainer.default_root_dir, stem, self.trainer.loggers)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["embedlab_model_cfg"] = self.model_cfg
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self):

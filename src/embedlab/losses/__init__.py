@@ -6,6 +6,7 @@ Every loss returns a dict whose ``"loss"`` entry is optimized; the other entries
 
 from embedlab.losses.base import EmbeddedBatch, pairwise_similarity, similarity_matrix
 from embedlab.losses.contrastive import ContrastiveLoss, MultipleNegativesRankingLoss, TripletLoss
+from embedlab.losses.matryoshka import MatryoshkaLoss
 from embedlab.losses.scored import CoSENTLoss, CosineSimilarityLoss
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ContrastiveLoss",
     "CosineSimilarityLoss",
     "EmbeddedBatch",
+    "MatryoshkaLoss",
     "MultipleNegativesRankingLoss",
     "TripletLoss",
     "pairwise_similarity",

@@ -256,9 +256,9 @@ def load_checkpoint(path: str) -> BiEncoder:
     if not Path(path).is_file():
         raise ModelLoadError(f"checkpoint {path!r} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model_cfg = (ckpt.get("hyper_parameters") or {}).get("model_cfg")
+    model_cfg = ckpt.get("embedlab_model_cfg")
     if model_cfg is None:
-        raise ModelLoadError(f"checkpoint {path!r} was not written by embedlab (no hyper_parameters.model_cfg)")
+        raise ModelLoadError(f"checkpoint {path!r} was not written by embedlab train.py (no embedlab_model_cfg)")
     model = instantiate(model_cfg)
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

@@ -48,16 +48,18 @@ class Pooling(nn.Module):
             summed = (token_embeddings * mask).sum(1)  # (B, H)
             return summed / mask.sum(1).clamp(min=1e-9)
         if self.mode == "weighted_mean":
-            # weights 1..L by absolute position, as sentence-transformers does; padding weighs 0
-            positions = torch.arange(1, token_embeddings.shape[1] + 1, device=mask.device, dtype=mask.dtype)
-            weights = mask * positions.view(1, -1, 1)  # (B, L, 1)
+            # the k-th real token weighs k (counted from the first real token, so left padding changes
+            # nothing; equal to sentence-transformers' absolute positions for right padding); padding weighs 0
+            weights = attention_mask.cumsum(1).unsqueeze(-1).to(mask.dtype) * mask  # (B, L, 1)
             return (token_embeddings * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         if self.mode == "max":
             # padded positions can never win the max
             filled = token_embeddings.masked_fill(mask == 0, torch.finfo(token_embeddings.dtype).min)
             return filled.max(1).values
         if self.mode == "cls":
-            return token_embeddings[:, 0]
+            # first real token: position 0 with right padding, after the padding with left padding
+            first = attention_mask.long().argmax(1)  # (B,)
+            return token_embeddings[torch.arange(token_embeddings.shape[0], device=first.device), first]
         # last_token: index of the last 1 in the mask, correct for left and right padding
         length = attention_mask.shape[1]
         positions = torch.arange(length, device=attention_mask.device).expand_as(attention_mask)

