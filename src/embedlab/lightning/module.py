@@ -68,7 +68,7 @@ class BiEncoderModule(L.LightningModule):
             query_ids=batch["query_ids"],
             positive_ids=batch["positive_ids"],
             negative_ids=batch["negative_ids"],
-            extras={"normalized": self.model.normalize is not None},
+            extras={"normalized": self.model.normalize is not None, "dataset": batch.get("dataset")},
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
