@@ -47,12 +47,17 @@ class Transformer(nn.Module):
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
 
-    def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], max_length: int, padding: bool = True):
+        """Padded tensors for a batch; with ``padding=False``, per-text id lists (to sort and batch later)."""
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
         return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt" if padding else None
         )
+
+    def pad(self, encodings: dict[str, list]) -> dict[str, torch.Tensor]:
+        """Per-text id lists -> padded tensors (B, L) for the longest in the batch."""
+        return self.tokenizer.pad(encodings, padding=True, return_tensors="pt")
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -96,14 +101,14 @@ class BiEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def tokenize(self, texts: Sequence[str], kind: str = "document") -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], kind: str = "document", padding: bool = True):
         """Prompt + tokenize ``texts`` as queries or documents (padding to the longest in the batch)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
         prompt = self.prompts[kind]
         if prompt:
             texts = [prompt + t for t in texts]
-        return self.transformer.tokenize(texts, self.max_seq_length[kind])
+        return self.transformer.tokenize(texts, self.max_seq_length[kind], padding=padding)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenized batch -> embeddings (B, D)."""
@@ -122,18 +127,22 @@ class BiEncoder(nn.Module):
     ) -> torch.Tensor:
         """Embed ``texts`` without gradients; returns a float32 CPU tensor (N, D) in input order.
 
-        Texts are batched longest-first so each batch pads to similar lengths (the same trick as
-        sentence-transformers' ``encode``); padding never changes an embedding.
+        All texts are tokenized in one call (the fast tokenizer batches it), then batched by token count,
+        longest first, so each batch pads as little as possible; padding never changes an embedding.
         """
+        if len(texts) == 0:
+            return torch.empty(0, self.embedding_dim, dtype=torch.float32)
         was_training = self.training
         self.eval()
         device = self.device
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        encodings = self.tokenize(texts, kind, padding=False)  # {"input_ids": [[...], ...], ...}
+        lengths = [len(ids) for ids in encodings["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         out = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32)
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc=desc or f"encode {kind}s", disable=not show_progress_bar, leave=False):
             idx = order[start : start + batch_size]
-            features = self.tokenize([texts[i] for i in idx], kind)
+            features = self.transformer.pad({k: [v[i] for i in idx] for k, v in encodings.items()})
             features = {k: v.to(device) for k, v in features.items()}
             out[idx] = self(features).float().cpu()
         self.train(was_training)
