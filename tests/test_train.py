@@ -142,3 +142,19 @@ def test_entry_points_run_as_documented(tmp_path, tiny_data_root):
                 f"hydra.run.dir={tmp_path / 'eval'}", "logger=none"]
     subprocess.run(eval_cmd, cwd=PROJECT_ROOT, check=True, capture_output=True)
     assert "test/spearman_cosine" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("debug", ["fast_dev_run", "limit", "overfit"])
+def test_debug_modes_run_end_to_end(debug, tmp_path, tiny_data_root):
+    overrides = ["model=tiny", f"debug={debug}", f"data.root={tiny_data_root}", "logger=none", "data.batch_size=4", "data.val_fraction=0.3"]
+    if debug == "overfit":
+        overrides.append("trainer.max_epochs=2")
+    cfg = compose_config("train", overrides, tmp_path)
+    metrics, objects = train(cfg)
+    trainer = objects["trainer"]
+    assert trainer.global_step >= 1
+    if debug == "fast_dev_run":
+        # one batch of each loop: the evaluation is partial, so no metric is reported rather than a wrong one
+        assert not any(k.startswith(("val/", "test/")) for k in metrics)
+    else:
+        assert "test/ndcg@10" in metrics
