@@ -99,7 +99,12 @@ def test_data_configs(data, tmp_path, tiny_data_root):
     dm.setup("fit")
     assert len(dm.train_examples) > 0 and dm.val_evaluator is not None
     batch = next(iter(dm.train_dataloader()))
-    assert len(batch["query"]) == min(cfg.data.batch_size, len(dm.train_examples))
+    if data.startswith("mixture"):
+        # one dataset per step, each with its own batch size
+        sizes = [d.get("batch_size") or cfg.data.batch_size for d in cfg.data.train.datasets.values()]
+        assert 1 <= len(batch["query"]) <= max(sizes) and batch["dataset"] in cfg.data.train.datasets
+    else:
+        assert len(batch["query"]) == min(cfg.data.batch_size, len(dm.train_examples))
     if data == "stsb":
         assert batch["scores"] is not None and 0 <= float(batch["scores"].min()) <= float(batch["scores"].max()) <= 1
 
