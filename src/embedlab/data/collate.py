@@ -34,7 +34,8 @@ class ExampleDataset(Dataset):
 
 def collate_examples(examples: list[Example]) -> dict:
     """list[Example] -> {query, positive: list[str]; negatives: list[str] (B*n, grouped by example) or None;
-    num_negatives; scores: (B,) float tensor or None; query_ids / positive_ids / negative_ids}."""
+    num_negatives; scores: (B,) float tensor or None; query_ids / positive_ids / negative_ids;
+    known_positive_ids: per example the ids of its query's known positives (empty list when unknown)}."""
     n = len(examples[0].negatives)
     if any(len(e.negatives) != n for e in examples):
         counts = sorted({len(e.negatives) for e in examples})
@@ -55,6 +56,7 @@ def collate_examples(examples: list[Example]) -> dict:
             for e in examples
             for j, t in enumerate(e.negatives)
         ],
+        "known_positive_ids": [list(e.known_positive_ids) for e in examples],
     }
     if examples[0].teacher_scores is not None:
         batch["teacher_scores"] = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)

@@ -160,7 +160,13 @@ def beir_training_pairs(
     task = load_beir(folder, split, corpus_file, queries_file, qrels_folder, title_separator)
     keep = None if query_ids is None else set(query_ids)
     pairs = [
-        Example(query=task.queries[qid], positive=task.corpus[doc_id], query_id=qid, positive_id=doc_id)
+        Example(
+            query=task.queries[qid],
+            positive=task.corpus[doc_id],
+            query_id=qid,
+            positive_id=doc_id,
+            known_positive_ids=sorted(d for d, s in docs.items() if s >= min_score),
+        )
         for qid, docs in task.qrels.items()
         if keep is None or qid in keep
         for doc_id, score in docs.items()

@@ -19,6 +19,9 @@ class Example:
       0/1 label (contrastive).
     - ids (``query_id``, ``positive_id``, ``negative_ids``) identify texts for masking and mining;
       ``teacher_scores`` (one per candidate: positive first, then negatives) feed distillation.
+    - ``known_positive_ids``: ids of every document known to be relevant to the query (its qrels), so
+      in-batch-negative losses can mask them when they turn up as another query's candidate. Derived
+      metadata, left out of ``==`` (two examples with the same texts, ids and scores are equal).
     """
 
     query: str
@@ -29,6 +32,7 @@ class Example:
     positive_id: str | None = None
     negative_ids: list[str] = field(default_factory=list)
     teacher_scores: list[float] | None = None
+    known_positive_ids: list[str] = field(default_factory=list, compare=False)
 
 
 @dataclass
