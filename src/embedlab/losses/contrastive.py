@@ -23,10 +23,19 @@ class MultipleNegativesRankingLoss(nn.Module):
         similarity: ``cos`` or ``dot``.
         symmetric: also the positive -> query direction over the batch's queries, averaged with the
             forward term (MultipleNegativesSymmetricRankingLoss; CLIP's loss).
-        gather_across_devices: under DDP, score local queries against the candidates of every rank
-            (gathered with gradients, labels offset by rank x local batch). No effect in one process.
-        mask_duplicates: a candidate whose id equals query i's positive id (the same document appearing
-            twice in the global batch) is removed from query i's softmax instead of counted as a negative.
+        gather_across_devices: under DDP, score the local queries against the candidates of every rank,
+            gathered with gradients: ``[all ranks' positives; all ranks' hard negatives]`` (the order a
+            single process holding the global batch uses), labels offset by the positives of the ranks
+            before this one; the symmetric term scores local positives against every rank's queries.
+            Rank r's loss is then the cross-entropy of its queries over the global candidates, and the
+            mean over ranks of those losses (what DDP's gradient averaging optimizes) equals the
+            single-process loss of the global batch when local batches have equal size. No effect in
+            one process.
+        mask_duplicates: false-negative masking by id. Candidate j leaves query i's softmax (it is not
+            counted as a negative; the target column is never masked) when j is the same document as
+            query i's positive, one of query i's known positives (``extras["known_positive_ids"]``, from
+            the qrels), or the positive of another pair of the same query. With ``symmetric`` the
+            backward direction masks the same pairs the other way round. Works after the gather.
 
     Returns ``{"loss", "mnrl"}`` (and ``"mnrl_backward"`` when symmetric).
     """
@@ -48,52 +57,127 @@ class MultipleNegativesRankingLoss(nn.Module):
 
     def forward(self, batch: EmbeddedBatch) -> dict[str, torch.Tensor]:
         query, positive = batch.query, batch.positive  # (B, D) each
-        b = query.shape[0]
-        negatives = None if batch.negatives is None else batch.negatives.reshape(-1, query.shape[-1])  # (B*n, D)
-        positive_ids = list(batch.positive_ids or [None] * b)
-        negative_ids = list(batch.negative_ids or [None] * (0 if negatives is None else negatives.shape[0]))
+        b, dim = query.shape
+        negatives = query.new_zeros(0, dim) if batch.negatives is None else batch.negatives.reshape(-1, dim)  # (B*n, D)
+        ids = _PairIds.of(batch, negatives.shape[0]) if self.mask_duplicates else None
         offset = 0
+        all_query, all_positive, all_negatives, all_ids = query, positive, negatives, ids
         if self.gather_across_devices and distributed.world_size() > 1:
-            positive = distributed.all_gather_with_grad(positive)  # (W*B, D)
-            if negatives is not None:
-                negatives = distributed.all_gather_with_grad(negatives)  # (W*B*n, D)
-            offset = distributed.rank() * b
-            if self.mask_duplicates:
-                positive_ids = distributed.all_gather_object_list(positive_ids)
-                negative_ids = distributed.all_gather_object_list(negative_ids)
-        candidates = positive if negatives is None else torch.cat([positive, negatives])  # (C, D)
+            # every rank calls the same collectives, whatever its batch holds (no negatives, fewer rows)
+            sizes = distributed.gather_sizes(b, negatives.shape[0], device=query.device)
+            offset = sum(s[0] for s in sizes[: distributed.rank()])
+            all_positive = distributed.all_gather_with_grad(positive, [s[0] for s in sizes])  # (sum B, D)
+            all_negatives = distributed.all_gather_with_grad(negatives, [s[1] for s in sizes])  # (sum B*n, D)
+            if self.symmetric:
+                all_query = distributed.all_gather_with_grad(query, [s[0] for s in sizes])  # (sum B, D)
+            if ids is not None:
+                all_ids = _PairIds.concat(distributed.all_gather_objects(ids))
+        candidates = torch.cat([all_positive, all_negatives])  # (C, D): [all positives; all negatives]
         logits = self.scale * similarity_matrix(query, candidates, self.similarity)  # (B, C)
         labels = torch.arange(b, device=query.device) + offset
-        if self.mask_duplicates:
-            logits = logits.masked_fill(
-                duplicate_mask(batch.positive_ids, positive_ids + negative_ids, labels, logits.device), float("-inf")
+        if ids is not None:
+            mask = false_negative_mask(
+                row_query_ids=ids.query,
+                row_doc_ids=ids.positive,
+                row_known_ids=ids.known,
+                col_doc_ids=all_ids.positive + all_ids.negative,
+                col_query_ids=all_ids.query + [None] * len(all_ids.negative),
+                col_known_ids=None,
+                labels=labels,
             )
+            logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
         terms = {"mnrl": F.cross_entropy(logits, labels)}
         if self.symmetric:
-            # positive i against the batch's queries (local positives only: their labels are local)
-            local_pos_logits = self.scale * similarity_matrix(batch.positive, query, self.similarity)  # (B, B)
-            terms["mnrl_backward"] = F.cross_entropy(local_pos_logits, torch.arange(b, device=query.device))
+            # positive i against the queries (of every rank under the gather); its own query is the target
+            back = self.scale * similarity_matrix(positive, all_query, self.similarity)  # (B, sum B)
+            if ids is not None:
+                # query j also matches positive i: the same query, or positive i is (a known positive of) j's
+                mask = false_negative_mask(
+                    row_query_ids=ids.query,
+                    row_doc_ids=ids.positive,
+                    row_known_ids=None,
+                    col_doc_ids=all_ids.positive,
+                    col_query_ids=all_ids.query,
+                    col_known_ids=all_ids.known,
+                    labels=labels,
+                )
+                back = back.masked_fill(mask.to(back.device), float("-inf"))
+            terms["mnrl_backward"] = F.cross_entropy(back, labels)
             terms["loss"] = (terms["mnrl"] + terms["mnrl_backward"]) / 2
         else:
             terms["loss"] = terms["mnrl"]
         return terms
 
 
-def duplicate_mask(query_positive_ids, candidate_ids, labels: torch.Tensor, device) -> torch.Tensor:
-    """(B, C) bool: candidate j carries query i's positive id but is not its target column."""
-    b, c = len(labels), len(candidate_ids)
-    mask = torch.zeros(b, c, dtype=torch.bool)
-    if query_positive_ids is None:
-        return mask.to(device)
-    positions: dict = {}
-    for j, cid in enumerate(candidate_ids):
-        if cid is not None:
-            positions.setdefault(cid, []).append(j)
-    for i, pid in enumerate(query_positive_ids):
-        for j in positions.get(pid, ()) if pid is not None else ():
-            if j != int(labels[i]):
-                mask[i, j] = True
-    return mask.to(device)
+class _PairIds:
+    """The ids masking needs, per pair: query id, positive id, known positive ids; per hard negative: its id."""
+
+    def __init__(self, query: list, positive: list, known: list, negative: list) -> None:
+        self.query, self.positive, self.known, self.negative = query, positive, known, negative
+
+    @classmethod
+    def of(cls, batch: EmbeddedBatch, num_negatives: int) -> "_PairIds":
+        b = batch.query.shape[0]
+        known = batch.extras.get("known_positive_ids") if batch.extras else None
+        return cls(
+            list(batch.query_ids or [None] * b),
+            list(batch.positive_ids or [None] * b),
+            [list(k or ()) for k in known] if known is not None else [[] for _ in range(b)],
+            list(batch.negative_ids or [None] * num_negatives),
+        )
+
+    @classmethod
+    def concat(cls, parts: list["_PairIds"]) -> "_PairIds":
+        return cls(*([x for p in parts for x in getattr(p, f)] for f in ("query", "positive", "known", "negative")))
+
+
+def _codes(ids: list, table: dict) -> torch.Tensor:
+    """Ids -> int codes (equal ids, equal codes); ``None`` (unknown) -> -1, which matches nothing."""
+    return torch.tensor([-1 if i is None else table.setdefault(i, len(table)) for i in ids], dtype=torch.long)
+
+
+def _known_codes(known: list[list], table: dict) -> torch.Tensor:
+    """Per row a list of ids -> (rows, K) codes padded with -1."""
+    width = max((len(k) for k in known), default=0)
+    out = torch.full((len(known), max(width, 1)), -1, dtype=torch.long)
+    for i, ks in enumerate(known):
+        if ks:
+            out[i, : len(ks)] = _codes(ks, table)
+    return out
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) x (M,) codes -> (N, M) bool: equal and known."""
+    return (a[:, None] == b[None, :]) & (a[:, None] >= 0)
+
+
+def false_negative_mask(
+    row_query_ids: list,
+    row_doc_ids: list,
+    row_known_ids: list[list] | None,
+    col_doc_ids: list,
+    col_query_ids: list,
+    col_known_ids: list[list] | None,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """(rows, cols) bool: column j is a true match of row i's pair but not row i's target column.
+
+    Row i is a pair (query id, doc id, known positive ids of the query); column j is a text with a doc id
+    and, when it belongs to a pair, that pair's query id (and known positives). j matches i when: the same
+    doc as i's doc; j's doc is a known positive of i's query; j's pair has i's query; or i's doc is a known
+    positive of j's query. Vectorized over integer codes of the ids (no Python loop over rows x columns).
+    """
+    table: dict = {}
+    rq, rd, cd, cq = (_codes(x, table) for x in (row_query_ids, row_doc_ids, col_doc_ids, col_query_ids))
+    mask = _equal(rd, cd) | _equal(rq, cq)
+    if row_known_ids is not None:
+        known = _known_codes(row_known_ids, table)  # (rows, K)
+        mask |= ((known[:, :, None] == cd[None, None, :]) & (known[:, :, None] >= 0)).any(1)
+    if col_known_ids is not None:
+        known = _known_codes(col_known_ids, table)  # (cols, K)
+        mask |= ((known.T[:, None, :] == rd[None, :, None]) & (known.T[:, None, :] >= 0)).any(0)
+    mask[torch.arange(len(labels)), labels.cpu()] = False
+    return mask
 
 
 class TripletLoss(nn.Module):
