@@ -88,7 +88,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not loggers:
         # LearningRateMonitor refuses to run without a logger; the LR is then simply not recorded
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # GradCache (manual optimization) clips and accumulates in the module: it takes those Trainer flags over
+    overrides = module.trainer_overrides(cfg.trainer) if hasattr(module, "trainer_overrides") else {}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

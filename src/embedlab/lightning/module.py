@@ -4,18 +4,38 @@ Model components (``embedlab.models``) and losses (``embedlab.losses``) are plai
 wires them: embed a batch once into an :class:`EmbeddedBatch`, hand it to the loss, log each named term
 as ``train/<term>``; during validation/test, embed the evaluator's texts step by step and compute the
 metrics once at epoch end (``val/ndcg@10``, ``test/spearman_cosine``, ...).
+
+Two training paths:
+- plain (default): automatic optimization; Lightning runs backward, accumulation, clipping, the step.
+- GradCache (``grad_cache_mini_batch_size``, or a ``GradCacheLoss`` such as ``loss=cached_mnrl``): manual
+  optimization. The batch is embedded in mini-batches (``embedlab.lightning.grad_cache``); the replayed
+  per-mini-batch backward passes run inside DDP's ``no_sync()`` and the gradients are averaged over ranks
+  once per optimizer step (``distributed.all_reduce_mean_gradients``), then clipped and stepped here.
+
+Under DDP, validation/test batches are sharded by Lightning's DistributedSampler; ``_finish_eval`` gathers
+the (index, embedding) rows of every rank, computes the metrics once on rank 0 and logs the same values
+on every rank.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+import warnings
+from contextlib import nullcontext
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
 
+from embedlab import distributed
 from embedlab.evaluation.grid import report_grid
+from embedlab.lightning.grad_cache import find_mini_batch_size, grad_cache_backward
 from embedlab.losses.base import EmbeddedBatch
 from embedlab.models.bi_encoder import BiEncoder
+
+# evaluation metrics are computed once (rank 0) and logged with the same value on every rank, so there is
+# nothing to reduce; Lightning still suggests sync_dist for every epoch-level value under DDP
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 class BiEncoderModule(L.LightningModule):
@@ -26,6 +46,15 @@ class BiEncoderModule(L.LightningModule):
         loss: a loss taking an :class:`EmbeddedBatch` and returning ``{"loss": ..., <term>: ...}``.
         optimizer: partial optimizer (``_partial_: true``), completed with the parameters here.
         scheduler: partial ``(optimizer, num_training_steps) -> LR scheduler`` or ``None``; stepped per step.
+        grad_cache_mini_batch_size: embed training batches in mini-batches of this many texts with
+            GradCache (any loss; exact same loss and gradients as the plain step, activation memory of
+            one mini-batch). ``None``: the mini-batch size of a ``GradCacheLoss`` in ``loss``
+            (``loss=cached_mnrl``), else off.
+        gradient_clip_val / gradient_clip_algorithm / accumulate_grad_batches: used by the GradCache path
+            only (manual optimization, where Lightning refuses the Trainer's own flags); ``train`` moves
+            the Trainer config's values here (:meth:`trainer_overrides`). Accumulation sums the gradients
+            of ``accumulate_grad_batches`` batches (each loss divided by it) before one optimizer step,
+            exactly as automatic optimization does; it adds no in-batch negatives.
 
     ``model_cfg`` (set by ``train``) is the model's config; it is stored in checkpoints under
     ``"embedlab_model_cfg"`` so ``evaluate.py model.path=x.ckpt`` can rebuild the model.
@@ -37,6 +66,10 @@ class BiEncoderModule(L.LightningModule):
         loss: torch.nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
+        grad_cache_mini_batch_size: int | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained leaves HF models in eval mode: dropout off
@@ -45,18 +78,44 @@ class BiEncoderModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.model_cfg: dict | None = None
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.grad_cache_mini_batch_size = grad_cache_mini_batch_size or find_mini_batch_size(loss)
+        if self.grad_cache_mini_batch_size is not None and self.grad_cache_mini_batch_size < 1:
+            raise ValueError(f"grad_cache_mini_batch_size must be >= 1, got {self.grad_cache_mini_batch_size}")
+        # GradCache backpropagates mini-batch by mini-batch inside the step: manual optimization
+        self.automatic_optimization = self.grad_cache_mini_batch_size is None
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        if int(accumulate_grad_batches) < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.accumulate_grad_batches = int(accumulate_grad_batches)
+
+    def trainer_overrides(self, trainer_cfg: Mapping) -> dict:
+        """Trainer arguments to replace for this module: with GradCache (manual optimization) the module takes
+        over ``gradient_clip_val`` / ``gradient_clip_algorithm`` / ``accumulate_grad_batches`` from
+        ``trainer_cfg`` and the Trainer gets the neutral values; ``{}`` otherwise."""
+        if self.automatic_optimization:
+            return {}
+        self.gradient_clip_val = trainer_cfg.get("gradient_clip_val")
+        self.gradient_clip_algorithm = trainer_cfg.get("gradient_clip_algorithm") or "norm"
+        self.accumulate_grad_batches = int(trainer_cfg.get("accumulate_grad_batches") or 1)
+        return {"gradient_clip_val": None, "accumulate_grad_batches": 1}
 
     # ------------------------------------------------------------------ training
     def embed(self, texts: list[str], kind: str) -> torch.Tensor:
-        features = self.model.tokenize(texts, kind)
-        return self.model({k: v.to(self.device) for k, v in features.items()})
+        return self.model(self.tokenize(texts, kind))
 
-    def embed_batch(self, batch: dict) -> EmbeddedBatch:
-        """Embed a collated training batch (queries with query settings, candidates with document settings)."""
+    def tokenize(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
+        features = self.model.tokenize(texts, kind)
+        return {k: v.to(self.device) for k, v in features.items()}
+
+    @staticmethod
+    def batch_texts(batch: dict) -> tuple[list[str], list[str]]:
+        """The two encoder calls of a training batch: queries; documents = positives + hard negatives."""
+        return batch["query"], batch["positive"] + (batch["negatives"] or [])
+
+    def assemble(self, batch: dict, query: torch.Tensor, docs: torch.Tensor) -> EmbeddedBatch:
+        """Query (B, D) and document (B + B*n, D) embeddings of ``batch`` -> the loss's :class:`EmbeddedBatch`."""
         b = len(batch["query"])
-        query = self.embed(batch["query"], "query")  # (B, D)
-        candidates = batch["positive"] + (batch["negatives"] or [])
-        docs = self.embed(candidates, "document")  # (B + B*n, D)
         n = batch["num_negatives"]
         negatives = docs[b:].view(b, n, -1) if n else None  # (B, n, D)
         scores = batch["scores"].to(self.device) if batch["scores"] is not None else None
@@ -68,15 +127,81 @@ class BiEncoderModule(L.LightningModule):
             query_ids=batch["query_ids"],
             positive_ids=batch["positive_ids"],
             negative_ids=batch["negative_ids"],
-            extras={"normalized": self.model.normalize is not None, "dataset": batch.get("dataset")},
+            extras={
+                "normalized": self.model.normalize is not None,
+                "dataset": batch.get("dataset"),
+                "known_positive_ids": batch.get("known_positive_ids"),
+            },
         )
 
+    def embed_batch(self, batch: dict) -> EmbeddedBatch:
+        """Embed a collated training batch (queries with query settings, candidates with document settings)."""
+        queries, docs = self.batch_texts(batch)
+        return self.assemble(batch, self.embed(queries, "query"), self.embed(docs, "document"))  # (B, D), (B + B*n, D)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms = self.loss(self.embed_batch(batch))
-        bs = len(batch["query"])
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        if self.automatic_optimization:
+            terms = self.loss(self.embed_batch(batch))
+        else:
+            terms = self._grad_cache_step(batch, batch_idx)
+        self._log_train_terms(terms, len(batch["query"]))
         return terms["loss"]
+
+    def _log_train_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        # under DDP each rank's term covers its local queries; their mean over ranks is the global batch's
+        # value (with cross-device negatives: exactly the single-process loss of the global batch)
+        sync = distributed.world_size() > 1
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size, sync_dist=sync)
+
+    # ------------------------------------------------------------------ GradCache (manual optimization)
+    def _grad_cache_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        optimizer = self.optimizers()
+        queries, docs = self.batch_texts(batch)
+        with self._no_backward_sync():
+            terms = grad_cache_backward(
+                encode=self.model,
+                sides=[self.tokenize(queries, "query"), self.tokenize(docs, "document")],
+                assemble=lambda embs: self.assemble(batch, *embs),
+                loss=self.loss,
+                mini_batch_size=self.grad_cache_mini_batch_size,
+                backward=self.manual_backward,
+                loss_scale=1.0 / self.accumulate_grad_batches,
+            )
+        if self._ends_accumulation(batch_idx):
+            # the one gradient all-reduce of this optimizer step (DDP's, done by hand after no_sync)
+            distributed.all_reduce_mean_gradients(self.parameters())
+            optimizer.step()  # clipping: on_before_optimizer_step (after AMP unscaling)
+            optimizer.zero_grad()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        return terms
+
+    def _ends_accumulation(self, batch_idx: int) -> bool:
+        last = self.trainer.num_training_batches if self._trainer is not None else math.inf
+        return (batch_idx + 1) % self.accumulate_grad_batches == 0 or batch_idx + 1 == last
+
+    def _no_backward_sync(self):
+        """DDP's ``no_sync()`` around the replayed backward passes (gradients are all-reduced once, by hand)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapper = self.trainer.strategy.model if self._trainer is not None else None
+        if isinstance(wrapper, DistributedDataParallel):
+            return wrapper.no_sync()
+        if distributed.world_size() > 1 and wrapper is not None and wrapper is not self:
+            raise NotImplementedError(
+                f"GradCache supports single-device and DDP training, not {type(self.trainer.strategy).__name__}"
+            )
+        return nullcontext()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # automatic optimization clips from the Trainer's flags; the GradCache path clips here, where
+        # precision plugins have already unscaled the gradients
+        if not self.automatic_optimization and self.gradient_clip_val:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm=self.gradient_clip_algorithm
+            )
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict) -> None:
@@ -97,28 +222,49 @@ class BiEncoderModule(L.LightningModule):
 
     def _finish_eval(self, stage: str) -> None:
         outputs, self._eval_outputs = self._eval_outputs, {}
-        if self.trainer.sanity_checking or not outputs:
-            return
         datamodule = self.trainer.datamodule
         evaluator = datamodule.val_evaluator if stage == "val" else datamodule.test_evaluator
+        # every decision before the gather must be the same on all ranks (a rank may hold no batch at all)
+        if self.trainer.sanity_checking or evaluator is None:
+            return
+        if distributed.world_size() == 1 and not outputs:
+            return
         embeddings = {}
+        complete = True
         for req in evaluator.encode_plan():
-            rows = outputs.get(req.key, [])
+            index, emb = self._gather_eval_rows(outputs.get(req.key, []))
             out = torch.zeros(len(req.texts), self.model.embedding_dim)
             seen = torch.zeros(len(req.texts), dtype=torch.bool)
-            for index, emb in rows:
-                out[index] = emb
-                seen[index] = True
-            if not bool(seen.all()):
-                # limit_val_batches / fast_dev_run cut the epoch short: score what was embedded is meaningless
-                return
+            # DistributedSampler pads with repeated batches: writes by index are idempotent
+            out[index] = emb
+            seen[index] = True
+            # limit_val_batches / fast_dev_run cut the epoch short: scoring part of the texts is meaningless
+            complete = complete and bool(seen.all())
             embeddings[req.key] = out
-        metrics = evaluator.compute(embeddings, prefix=f"{stage}/")
+        if not complete:
+            return
+        metrics = None
+        if self.trainer.is_global_zero:
+            metrics = {name: float(value) for name, value in evaluator.compute(embeddings, prefix=f"{stage}/").items()}
+            if evaluator.last_grid:
+                stem = f"{stage}_grid" if stage == "test" else f"{stage}_grid_epoch{self.current_epoch:03d}"
+                report_grid(evaluator.last_grid, self.trainer.default_root_dir, stem, self.trainer.loggers)
+        metrics = distributed.broadcast_object(metrics, src=0)
         for name, value in metrics.items():
-            self.log(name, float(value), prog_bar=name.endswith("ndcg@10") or name.endswith("spearman_cosine"))
-        if evaluator.last_grid and self.trainer.is_global_zero:
-            stem = f"{stage}_grid" if stage == "test" else f"{stage}_grid_epoch{self.current_epoch:03d}"
-            report_grid(evaluator.last_grid, self.trainer.default_root_dir, stem, self.trainer.loggers)
+            # the same value on every rank: nothing to average (sync_dist off keeps it bit-identical)
+            self.log(name, value, prog_bar=name.endswith("ndcg@10") or name.endswith("spearman_cosine"), sync_dist=False)
+
+    def _gather_eval_rows(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (index, embedding) rows of one request -> every rank's, on CPU."""
+        dim = self.model.embedding_dim
+        index = torch.cat([i for i, _ in rows]) if rows else torch.zeros(0, dtype=torch.long)
+        emb = torch.cat([e for _, e in rows]) if rows else torch.zeros(0, dim)
+        if distributed.world_size() == 1:
+            return index, emb
+        # NCCL moves device tensors only: gather on the module's device, concatenated in rank order
+        index = distributed.all_gather_variable(index.to(self.device)).cpu()
+        emb = distributed.all_gather_variable(emb.to(self.device)).cpu()
+        return index, emb
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["embedlab_model_cfg"] = self.model_cfg
@@ -129,5 +275,16 @@ class BiEncoderModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=self._optimizer_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _optimizer_steps(self) -> int:
+        """Optimizer steps of the run (the schedule's length); GradCache accumulates in the module."""
+        steps = self.trainer.estimated_stepping_batches  # Trainer-level accumulation already counted
+        if self.automatic_optimization or self.accumulate_grad_batches == 1:
+            return steps
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else math.inf
+        total = math.ceil(self.trainer.num_training_batches / self.accumulate_grad_batches) * epochs
+        if self.trainer.max_steps != -1:
+            total = min(total, self.trainer.max_steps)
+        return int(total) if math.isfinite(total) else steps
