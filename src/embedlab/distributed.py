@@ -34,9 +34,24 @@ def gather_sizes(*sizes: int, device: torch.device | str = "cpu") -> list[list[i
     return [p.tolist() for p in parts]
 
 
-def _device_for_collectives(tensor: torch.Tensor) -> torch.device:
-    # NCCL only moves CUDA tensors; gloo moves CPU tensors (and CUDA ones)
-    return tensor.device
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather of equal-shape tensors; backward: every rank's gradient for this rank's slice, summed."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)  # (world, n, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)  # gloo has no reduce_scatter: sum everything, keep this rank's slice
+        return grad[rank()]
 
 
 def all_gather_with_grad(tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
@@ -46,25 +61,22 @@ def all_gather_with_grad(tensor: torch.Tensor, sizes: Sequence[int] | None = Non
     rows are padded to the largest count for the collective and cut back afterwards. ``sizes`` (every
     rank's row count, from :func:`gather_sizes`) saves one collective when the caller already has it.
 
-    ``torch.distributed.nn.functional.all_gather`` sums the incoming gradients across ranks in backward:
-    rank r's slice receives d(sum over ranks of their losses)/d(slice). With DDP averaging parameter
-    gradients over ranks, every parameter gets the gradient of the mean of the per-rank losses, which is
-    the global-batch loss when local batches have equal size (see ``MultipleNegativesRankingLoss``).
+    In backward, rank r's slice receives the sum over ranks of d(rank's loss)/d(slice). With DDP
+    averaging parameter gradients over ranks, every parameter gets the gradient of the mean of the
+    per-rank losses, which is the global-batch loss when local batches have equal size (see
+    ``MultipleNegativesRankingLoss``).
     """
     if world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
     if sizes is None:
-        sizes = [s[0] for s in gather_sizes(tensor.shape[0], device=_device_for_collectives(tensor))]
+        sizes = [s[0] for s in gather_sizes(tensor.shape[0], device=tensor.device)]
     sizes = [int(s) for s in sizes]
     longest = max(sizes)
-    local = tensor.contiguous()
+    local = tensor
     if local.shape[0] < longest:
-        pad = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
-        local = torch.cat([local, pad])
-    parts = all_gather(local)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+        local = torch.cat([local, local.new_zeros((longest - local.shape[0], *local.shape[1:]))])
+    parts = _GatherWithGrad.apply(local)  # (world, longest, ...)
+    return torch.cat([parts[r, :n] for r, n in enumerate(sizes)], dim=0)
 
 
 @torch.no_grad()

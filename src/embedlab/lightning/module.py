@@ -36,6 +36,9 @@ from embedlab.models.bi_encoder import BiEncoder
 # evaluation metrics are computed once (rank 0) and logged with the same value on every rank, so there is
 # nothing to reduce; Lightning still suggests sync_dist for every epoch-level value under DDP
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
+# DistributedSampler repeats a few evaluation batches to even out ranks; _finish_eval writes rows by index,
+# so a repeated batch changes nothing
+warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders. During `trainer.test\(\)`")
 
 
 class BiEncoderModule(L.LightningModule):
