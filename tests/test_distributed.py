@@ -250,17 +250,20 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str], data_root: str
         start = time.perf_counter()
         module = build_module({"loss": {}}, dtype=torch.float32)
         trainer = _trainer([], use_distributed_sampler=True, float64=False)
-        metrics = trainer.test(module, datamodule=_eval_datamodule(data_root), verbose=False)[0]
+        metrics = {}
+        for task in ("retrieval", "sts"):
+            metrics[task] = trainer.test(module, datamodule=_eval_datamodule(data_root, task), verbose=False)[0]
         torch.save({"metrics": metrics, "seconds": time.perf_counter() - start}, out / f"eval.rank{rank}.pt")
 
 
-def _eval_datamodule(data_root: str):
-    from embedlab.data import BeirSource, EmbeddingDataModule
+def _eval_datamodule(data_root: str, task: str = "retrieval"):
+    from embedlab.data import BeirSource, EmbeddingDataModule, STSSource
 
-    return EmbeddingDataModule(
-        test=BeirSource(str(Path(data_root) / "scifact"), split="test"),
-        eval={"batch_size": EVAL_BATCH, "k_values": list(K_VALUES)},
-    )
+    if task == "sts":  # 12 pairs: 2 x 2 batches of 7 and 5 texts
+        source = STSSource(str(Path(data_root) / "stsbenchmark" / "sts-test.csv"))
+    else:
+        source = BeirSource(str(Path(data_root) / "scifact"), split="test")
+    return EmbeddingDataModule(test=source, eval={"batch_size": EVAL_BATCH, "k_values": list(K_VALUES)})
 
 
 @pytest.fixture(scope="module")
@@ -322,17 +325,18 @@ def test_gather_without_it_would_differ(ddp_results):
     assert gathered == pytest.approx(full, rel=1e-5)
 
 
-def test_distributed_evaluation_equals_single_process(ddp_results, tiny_data_root):
-    """trainer.test under DDP (texts sharded by DistributedSampler, one padding duplicate, rows gathered,
-    metrics computed once) == single-process trainer.test, to 1e-6, on both ranks."""
+@pytest.mark.parametrize("task", ["retrieval", "sts"])
+def test_distributed_evaluation_equals_single_process(ddp_results, tiny_data_root, task):
+    """trainer.test under DDP (texts sharded by DistributedSampler, padding duplicates, rows gathered,
+    metrics computed once) == single-process trainer.test, to 1e-6, on both ranks (retrieval and STS)."""
     import lightning as L
 
     module = build_module({"loss": {}}, dtype=torch.float32)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    single = trainer.test(module, datamodule=_eval_datamodule(str(tiny_data_root)), verbose=False)[0]
-    assert f"test/ndcg@10" in single and len(single) > 10
+    single = trainer.test(module, datamodule=_eval_datamodule(str(tiny_data_root), task), verbose=False)[0]
+    assert ("test/ndcg@10" in single and len(single) > 10) if task == "retrieval" else "test/spearman_cosine" in single
     for r in range(WORLD):
-        got = ddp_results[f"eval.rank{r}"]["metrics"]
+        got = ddp_results[f"eval.rank{r}"]["metrics"][task]
         assert set(got) == set(single)
         for key, value in single.items():
             if key.endswith("_seconds"):

@@ -64,8 +64,15 @@ def _grad_cache(module: BiEncoderModule, batch: dict, mini_batch_size: int) -> d
     )
 
 
+# default run: the three loss families at uneven mini-batches of 3; slow: the edge sizes and Matryoshka
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
-    ("name", "mini_batch_size"), [(name, 3) for name in LOSSES] + [("mnrl", 1), ("mnrl", 64)], ids=lambda v: str(v)
+    ("name", "mini_batch_size"),
+    [("mnrl", 3), ("mnrl_negatives_symmetric_mask", 3), ("cosent", 3)]
+    + [pytest.param(*case, marks=SLOW) for case in (("matryoshka_mnrl", 3), ("mnrl", 1), ("mnrl", 64))],
+    ids=lambda v: str(v),
 )
 def test_grad_cache_equals_plain_step(name, mini_batch_size):
     """GradCache (mini-batches of 3 = uneven chunks; of 1; of the whole batch) == one full-batch forward/backward: the loss and
@@ -87,6 +94,7 @@ def test_grad_cache_equals_plain_step(name, mini_batch_size):
         _assert_rel(got[n], g, f"{name} grad {n}")
 
 
+@pytest.mark.slow
 def test_grad_cache_equals_plain_step_float32():
     """The same in float32, the training dtype: gradients agree to 1e-5 of the largest gradient entry of the
     model (per-tensor relative errors reach ~3e-3 only on attention key biases, whose true gradient is 0
