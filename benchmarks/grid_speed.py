@@ -79,7 +79,7 @@ def main() -> None:
 
     full = model.embedding_dim
     lines = [
-        f"# Compression grid vs single evaluation: SciFact test, {Path(path).name}",
+        f"# Compression grid vs single evaluation: SciFact test, {args.model or 'all-MiniLM-L6-v2 (packaged)'}",
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), cpu",
         f"- command: `python benchmarks/grid_speed.py --data-root DATA --dims {args.dims} --precisions {args.precisions} --batch-size {args.batch_size}`",
