@@ -47,6 +47,8 @@ from typing import Callable
 
 import torch
 
+from embedlab.evaluation.search import check_search_args
+
 __all__ = [
     "PRECISIONS",
     "PCA",
@@ -85,16 +87,6 @@ def _check_2d(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a 2-D tensor (N, D), got {shape}")
-
-
-def _check_search_args(top_k: int, query_chunk_size: int, corpus_chunk_size: int) -> None:
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if query_chunk_size < 1 or corpus_chunk_size < 1:
-        raise ValueError(
-            f"chunk sizes must be >= 1, got query_chunk_size={query_chunk_size}, "
-            f"corpus_chunk_size={corpus_chunk_size}"
-        )
 
 
 def _num_bytes(dim: int) -> int:
@@ -338,7 +330,7 @@ def hamming_search(
     """
     _check_2d("query_bits", query_bits)
     _check_2d("corpus_bits", corpus_bits)
-    _check_search_args(top_k, query_chunk_size, corpus_chunk_size)
+    check_search_args(top_k, query_chunk_size, corpus_chunk_size)
     if query_bits.dtype != torch.uint8 or corpus_bits.dtype != torch.uint8:
         raise ValueError(f"packed bits must be uint8, got {query_bits.dtype} and {corpus_bits.dtype}")
     if query_bits.shape[1] != corpus_bits.shape[1]:
@@ -374,7 +366,7 @@ def _dense_search(
     float32; chunks are upcast to float32 on the queries' device). Scores descending, ties by lower index."""
     _check_2d("query", query)
     _check_2d("corpus", corpus)
-    _check_search_args(top_k, query_chunk_size, corpus_chunk_size)
+    check_search_args(top_k, query_chunk_size, corpus_chunk_size)
     if query.shape[1] != corpus.shape[1]:
         raise ValueError(f"query width {query.shape[1]} != corpus width {corpus.shape[1]}")
     query = query.float()
@@ -403,7 +395,7 @@ def scalar_search(
     """
     _check_2d("query_float", query_float)
     _check_2d("corpus_q", corpus_q)
-    _check_search_args(top_k, query_chunk_size, corpus_chunk_size)
+    check_search_args(top_k, query_chunk_size, corpus_chunk_size)
     if query_float.shape[1] != quantizer.dim or corpus_q.shape[1] != quantizer.dim:
         raise ValueError(
             f"widths differ: query {query_float.shape[1]}, corpus {corpus_q.shape[1]}, quantizer {quantizer.dim}"
@@ -458,7 +450,7 @@ def binary_rescore_search(
     """
     _check_2d("query_float", query_float)
     _check_2d("corpus_bits", corpus_bits)
-    _check_search_args(top_k, query_chunk_size, corpus_chunk_size)
+    check_search_args(top_k, query_chunk_size, corpus_chunk_size)
     if rescore_multiplier < 1:
         raise ValueError(f"rescore_multiplier must be >= 1, got {rescore_multiplier}")
     width = query_float.shape[1]

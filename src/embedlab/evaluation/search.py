@@ -21,6 +21,17 @@ import torch.nn.functional as F
 SCORE_FUNCTIONS = ("cos", "dot")
 
 
+def check_search_args(top_k: int, query_chunk_size: int, corpus_chunk_size: int) -> None:
+    """The checks every chunked top-k search shares (float, int8, Hamming)."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if query_chunk_size < 1 or corpus_chunk_size < 1:
+        raise ValueError(
+            f"chunk sizes must be >= 1, got query_chunk_size={query_chunk_size}, "
+            f"corpus_chunk_size={corpus_chunk_size}"
+        )
+
+
 def _check_inputs(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor, top_k: int,
                   score_function: str, query_chunk_size: int, corpus_chunk_size: int) -> None:
     if score_function not in SCORE_FUNCTIONS:
@@ -36,13 +47,7 @@ def _check_inputs(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tenso
         raise ValueError(
             f"embedding dims differ: queries {query_embeddings.shape[1]}, corpus {corpus_embeddings.shape[1]}"
         )
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if query_chunk_size < 1 or corpus_chunk_size < 1:
-        raise ValueError(
-            f"chunk sizes must be >= 1, got query_chunk_size={query_chunk_size}, "
-            f"corpus_chunk_size={corpus_chunk_size}"
-        )
+    check_search_args(top_k, query_chunk_size, corpus_chunk_size)
 
 
 def _prepare(x: torch.Tensor, score_function: str) -> torch.Tensor:
