@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -290,3 +291,51 @@ def test_missing_checkpoint_error(tmp_path):
 
 def test_model_load_error_is_a_value_error():
     assert issubclass(ModelLoadError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------- Dense projection
+@pytest.mark.parametrize("out_features,normalize", [(32, True), (16, False)], ids=["rotation-norm", "down-no-norm"])
+def test_dense_projection_saves_as_sentence_transformers_dense(tmp_path, out_features, normalize):
+    """A model with a projection (random weights) saves a 2_Dense module: SentenceTransformer(dir) and
+    from_pretrained(dir) give the same embeddings; the output width is the projection's."""
+    m = tiny_bi_encoder(seed=3, normalize=normalize, projection_dim=out_features)
+    with torch.no_grad():
+        m.dense.linear.weight.normal_(generator=torch.Generator().manual_seed(0))
+    docs = m.encode(TEXTS, "document")
+    assert docs.shape == (len(TEXTS), out_features) and m.embedding_dim == out_features
+    # reference: pooled vectors @ W.T, then normalize, by hand
+    m_plain = tiny_bi_encoder(seed=3, normalize=False)
+    expected = m_plain.encode(TEXTS, "document") @ m.dense.linear.weight.detach().T
+    if normalize:
+        expected = torch.nn.functional.normalize(expected, dim=1)
+    torch.testing.assert_close(docs, expected, rtol=0, atol=1e-5)
+
+    m.save(tmp_path)
+    modules = [x["type"].rsplit(".", 1)[1] for x in json.loads((tmp_path / "modules.json").read_text())]
+    assert modules == ["Transformer", "Pooling", "Dense"] + (["Normalize"] if normalize else [])
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True).cpu(), docs, rtol=0, atol=1e-5)
+    back = BiEncoder.from_pretrained(str(tmp_path))
+    assert back.dense is not None and back.dense.out_features == out_features
+    torch.testing.assert_close(back.encode(TEXTS, "document"), docs, rtol=0, atol=1e-5)
+    # asking for the width it has is fine; another width is an error that names both
+    BiEncoder.from_pretrained(str(tmp_path), projection_dim=out_features)
+    with pytest.raises(ModelLoadError, match=rf"has a Dense layer with {out_features} outputs, but projection_dim=8 was asked for"):
+        BiEncoder.from_pretrained(str(tmp_path), projection_dim=8)
+
+
+def test_new_projection_starts_as_identity(tmp_path):
+    """projection_dim on a folder without Dense adds an identity layer: a square one changes nothing."""
+    tiny_bi_encoder(seed=4).save(tmp_path)
+    plain = BiEncoder.from_pretrained(str(tmp_path))
+    projected = BiEncoder.from_pretrained(str(tmp_path), projection_dim=32)
+    assert plain.dense is None and projected.dense is not None
+    torch.testing.assert_close(projected.encode(TEXTS), plain.encode(TEXTS), rtol=0, atol=0)
+
+
+def test_dense_activation_must_be_torch_nn():
+    from embedlab.models.dense import Dense
+
+    with pytest.raises(ValueError, match=r"Dense activation_function must be a torch.nn module class path, got 'os.system'"):
+        Dense(4, 4, activation_function="os.system")
+    assert isinstance(Dense(4, 4, activation_function="torch.nn.modules.activation.Tanh").activation_function, torch.nn.Tanh)

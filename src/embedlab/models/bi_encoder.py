@@ -2,7 +2,7 @@
 
 ``BiEncoder`` is a plain ``nn.Module`` (no Lightning): the LightningModules in ``embedlab.lightning`` own
 steps and logging, this owns tokenization, the forward pass and the on-disk format. The format is
-sentence-transformers' (``modules.json``, ``1_Pooling/``, ``2_Normalize/``), so
+sentence-transformers' (``modules.json``, ``1_Pooling/``, optional ``2_Dense/``, then ``Normalize``), so
 ``SentenceTransformer(path)`` loads a saved embedlab model and gives the same embeddings.
 """
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from embedlab.models.dense import Dense
 from embedlab.models.pooling import ST_POOLING_FLAGS, Pooling
 
 KINDS = ("query", "document")
@@ -65,11 +66,13 @@ class Transformer(nn.Module):
 
 
 class BiEncoder(nn.Module):
-    """Encode queries and documents into one vector space.
+    """Encode queries and documents into one vector space: transformer -> pooling -> [dense] -> [normalize].
 
     Args:
         transformer: backbone + tokenizer.
         pooling: a :class:`Pooling` or its mode name.
+        dense: an optional linear layer after pooling (:class:`~embedlab.models.dense.Dense`), e.g. the
+            rotation that Matryoshka training starts from PCA.
         normalize: L2-normalize the output (cosine similarity == dot product).
         query_max_seq_length / document_max_seq_length: truncation length per side, in tokens.
         query_prompt / document_prompt: text prepended before tokenization, e.g. ``"query: "`` for E5.
@@ -84,10 +87,16 @@ class BiEncoder(nn.Module):
         document_max_seq_length: int = 256,
         query_prompt: str = "",
         document_prompt: str = "",
+        dense: Dense | None = None,
     ) -> None:
         super().__init__()
         self.transformer = transformer
         self.pooling = pooling if isinstance(pooling, Pooling) else Pooling(pooling)
+        if dense is not None and dense.in_features != transformer.hidden_size:
+            raise ValueError(
+                f"dense layer takes {dense.in_features} features, the backbone gives {transformer.hidden_size}"
+            )
+        self.dense = dense
         self.normalize = Normalize() if normalize else None
         self.max_seq_length = {"query": int(query_max_seq_length), "document": int(document_max_seq_length)}
         self.prompts = {"query": query_prompt or "", "document": document_prompt or ""}
@@ -95,7 +104,7 @@ class BiEncoder(nn.Module):
     # ------------------------------------------------------------------ forward
     @property
     def embedding_dim(self) -> int:
-        return self.transformer.hidden_size
+        return self.dense.out_features if self.dense is not None else self.transformer.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +123,8 @@ class BiEncoder(nn.Module):
         """Tokenized batch -> embeddings (B, D)."""
         tokens = self.transformer(features)  # (B, L, H)
         emb = self.pooling(tokens, features["attention_mask"])  # (B, H)
+        if self.dense is not None:
+            emb = self.dense(emb)  # (B, D)
         return self.normalize(emb) if self.normalize is not None else emb
 
     @torch.inference_mode()
@@ -160,7 +171,7 @@ class BiEncoder(nn.Module):
             path / "sentence_bert_config.json",
             {"max_seq_length": self.max_seq_length["document"], "do_lower_case": self.transformer.do_lower_case},
         )
-        pooling_cfg = {"word_embedding_dimension": self.embedding_dim, "include_prompt": True}
+        pooling_cfg = {"word_embedding_dimension": self.transformer.hidden_size, "include_prompt": True}
         pooling_cfg.update({flag: mode == self.pooling.mode for mode, flag in ST_POOLING_FLAGS.items()})
         pooling_cfg["pooling_mode_mean_sqrt_len_tokens"] = False
         (path / "1_Pooling").mkdir(exist_ok=True)
@@ -169,9 +180,15 @@ class BiEncoder(nn.Module):
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         ]
+        if self.dense is not None:
+            self.dense.save(path / "2_Dense")
+            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
         if self.normalize is not None:
-            (path / "2_Normalize").mkdir(exist_ok=True)
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            idx = len(modules)
+            (path / f"{idx}_Normalize").mkdir(exist_ok=True)
+            modules.append(
+                {"idx": idx, "name": str(idx), "path": f"{idx}_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
         _write_json(path / "modules.json", modules)
         prompts = {k: v for k, v in self.prompts.items() if v}
         _write_json(
@@ -204,12 +221,15 @@ class BiEncoder(nn.Module):
         document_prompt: str | None = None,
         torch_dtype: str | None = None,
         attn_implementation: str | None = None,
+        projection_dim: int | None = None,
     ) -> "BiEncoder":
         """Load a Hugging Face / sentence-transformers folder, a Hub id, or an embedlab ``.ckpt``.
 
         ``"auto"`` (or ``None``) for pooling/normalize and unset lengths/prompts take what the folder's
         sentence-transformers / embedlab config says, falling back to mean pooling, normalization,
-        length 256 and no prompt.
+        length 256 and no prompt. A ``Dense`` module in the folder is loaded; ``projection_dim`` adds a new
+        bias-free linear layer after pooling, initialized to the identity (square) or its first rows, when
+        the folder has none (a folder's own layer must then have that output width).
         """
         path = str(path)
         if path.endswith(".ckpt"):
@@ -221,6 +241,15 @@ class BiEncoder(nn.Module):
         default_len = max_seq_length or saved.get("max_seq_length", 256)
         transformer = load_transformer(path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
         transformer.do_lower_case = bool(saved.get("do_lower_case", False))
+        dense = Dense.load(folder / saved["dense_path"]) if "dense_path" in saved else None
+        if projection_dim is not None:
+            if dense is None:
+                dense = Dense(transformer.hidden_size, int(projection_dim))
+            elif dense.out_features != int(projection_dim):
+                raise ModelLoadError(
+                    f"model folder {path!r} has a Dense layer with {dense.out_features} outputs, "
+                    f"but projection_dim={projection_dim} was asked for"
+                )
         return cls(
             transformer,
             pooling=pooling,
@@ -229,6 +258,7 @@ class BiEncoder(nn.Module):
             document_max_seq_length=document_max_seq_length or saved.get("document_max_seq_length", default_len),
             query_prompt=saved.get("query_prompt", "") if query_prompt is None else query_prompt,
             document_prompt=saved.get("document_prompt", "") if document_prompt is None else document_prompt,
+            dense=dense,
         )
 
 
@@ -285,6 +315,11 @@ def _read_saved_config(folder: Path) -> dict:
     if modules_file.is_file():
         modules = json.loads(modules_file.read_text())
         cfg["normalize"] = any(m["type"].endswith("Normalize") for m in modules)
+        dense = [m for m in modules if m["type"].endswith("Dense")]
+        if len(dense) > 1:
+            raise ModelLoadError(f"{modules_file}: more than one Dense module; embedlab supports one")
+        if dense:
+            cfg["dense_path"] = dense[0]["path"]
         for m in modules:
             if m["type"].endswith("Pooling"):
                 pcfg = json.loads((folder / m["path"] / "config.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from embedlab.models.bi_encoder import BiEncoder, Transformer
+from embedlab.models.dense import Dense
 from embedlab.resolvers import package_model_path
 
 
@@ -21,6 +22,7 @@ def tiny_bi_encoder(
     document_max_seq_length: int | None = None,
     query_prompt: str = "",
     document_prompt: str = "",
+    projection_dim: int | None = None,
 ) -> BiEncoder:
     """A 2-layer, 32-d BERT with all-MiniLM-L6-v2's tokenizer, initialized from ``seed`` (same seed, same weights)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -48,4 +50,5 @@ def tiny_bi_encoder(
         document_max_seq_length=document_max_seq_length or max_seq_length,
         query_prompt=query_prompt,
         document_prompt=document_prompt,
+        dense=Dense(hidden_size, projection_dim) if projection_dim else None,
     )
