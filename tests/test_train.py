@@ -199,3 +199,32 @@ def test_adamw_is_fused_where_lightning_allows(trained):
             opt.step()
         results.append(torch.cat([p.detach().flatten() for p in ps]))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
+
+
+def test_lr_multipliers_make_param_groups():
+    """module.lr_multipliers: the projection gets factor x lr in its own group, the rest the base lr; the
+    warm-up schedule scales both; an unknown prefix is an exact error."""
+    import functools
+
+    from embedlab.lightning import BiEncoderModule
+    from embedlab.lightning.schedulers import linear_warmup
+    from embedlab.losses import MultipleNegativesRankingLoss
+    from embedlab.models import tiny_bi_encoder
+
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-4)
+    module = BiEncoderModule(tiny_bi_encoder(seed=0, projection_dim=32), MultipleNegativesRankingLoss(), adamw, lr_multipliers={"model.dense": 50})
+    groups = module._param_groups()
+    assert [g.get("lr") for g in groups] == [5e-3, None]
+    assert groups[0]["params"] == [module.model.dense.linear.weight]
+    assert len(groups[1]["params"]) == len([p for p in module.parameters()]) - 1
+    optimizer = adamw(params=groups)
+    scheduler = linear_warmup(optimizer, num_training_steps=10, warmup_steps=2)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.5e-3, 5e-5])  # step 0 of a 2-step warm-up
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-3, 1e-4])
+
+    bad = BiEncoderModule(tiny_bi_encoder(seed=0), MultipleNegativesRankingLoss(), adamw, lr_multipliers={"model.dense": 50})
+    with pytest.raises(ValueError, match=r"lr_multipliers: no trainable parameter under 'model.dense'; parameter names start with model.transformer"):
+        bad._param_groups()
+    with pytest.raises(ValueError, match=r"lr_multipliers\['model.dense'\] must be >= 0, got -1.0"):
+        BiEncoderModule(tiny_bi_encoder(seed=0), MultipleNegativesRankingLoss(), adamw, lr_multipliers={"model.dense": -1})

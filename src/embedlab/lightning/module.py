@@ -74,6 +74,7 @@ class BiEncoderModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         accumulate_grad_batches: int = 1,
+        lr_multipliers: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained leaves HF models in eval mode: dropout off
@@ -92,6 +93,12 @@ class BiEncoderModule(L.LightningModule):
         if int(accumulate_grad_batches) < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.accumulate_grad_batches = int(accumulate_grad_batches)
+        # parameter-name prefix -> factor on the optimizer's lr, e.g. {"model.dense": 50}: a new projection
+        # learns at a higher rate than the pretrained backbone
+        self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
+        for prefix, factor in self.lr_multipliers.items():
+            if not factor >= 0:
+                raise ValueError(f"lr_multipliers[{prefix!r}] must be >= 0, got {factor}")
 
     def trainer_overrides(self, trainer_cfg: Mapping) -> dict:
         """Trainer arguments to replace for this module: with GradCache (manual optimization) the module takes
@@ -276,11 +283,35 @@ class BiEncoderModule(L.LightningModule):
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params, **self._fused_default(params))
+        optimizer = self.optimizer_factory(params=self._param_groups(), **self._fused_default(params))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=self._optimizer_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_groups(self) -> list[torch.Tensor] | list[dict]:
+        """The trainable parameters, split by ``lr_multipliers`` into groups with ``lr = factor * base lr``
+        (the first matching prefix wins; the rest keep the base lr). Schedulers scale every group alike."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not self.lr_multipliers:
+            return [p for _, p in named]
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if base_lr is None:
+            raise ValueError("lr_multipliers needs the optimizer's lr in its config (module.optimizer.lr)")
+        groups: dict[str, list[torch.Tensor]] = {prefix: [] for prefix in self.lr_multipliers}
+        rest = []
+        for name, param in named:
+            prefix = next((q for q in self.lr_multipliers if name == q or name.startswith(q + ".")), None)
+            (groups[prefix] if prefix is not None else rest).append(param)
+        empty = [q for q, ps in groups.items() if not ps]
+        if empty:
+            tops = sorted({".".join(n.split(".")[:2]) for n, _ in named})
+            raise ValueError(
+                f"lr_multipliers: no trainable parameter under {', '.join(map(repr, empty))}; "
+                f"parameter names start with {', '.join(tops)}"
+            )
+        out = [{"params": ps, "lr": base_lr * self.lr_multipliers[q]} for q, ps in groups.items()]
+        return out + ([{"params": rest}] if rest else [])
 
     def _fused_default(self, params: list[torch.Tensor]) -> dict:
         """``{"fused": True}`` for ``torch.optim.Adam``/``AdamW`` left without ``fused``/``foreach``, when every
