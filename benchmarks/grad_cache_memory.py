@@ -41,7 +41,6 @@ Tiny check (seconds):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import gc
 import json
@@ -58,6 +57,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from embedlab.peak_memory import reset_peak_rss, status_kb
 
 METHODS = ("plain", "grad_cache")
 TARGET_RATIO = 0.35
@@ -92,31 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), then reset VmHWM to the current RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _ru_maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -128,7 +104,7 @@ class PeakMeter:
         self.device = device
         if device.type == "cuda":
             self.method = "torch.cuda.max_memory_allocated - allocated before the step"
-        elif _reset_peak_rss() and _proc_status_kb("VmHWM") is not None:
+        elif reset_peak_rss() and status_kb("VmHWM") is not None:
             self.method = "VmHWM after the step - VmRSS before it (VmHWM reset via /proc/self/clear_refs)"
         else:
             self.method = "ru_maxrss - RSS after loading (upper bound: /proc/self/clear_refs not writable)"
@@ -142,8 +118,8 @@ class PeakMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before_mb = torch.cuda.memory_allocated(self.device) / 2**20
         else:
-            _reset_peak_rss()
-            self.before_mb = (_proc_status_kb("VmRSS") or 0) / 1024
+            reset_peak_rss()
+            self.before_mb = (status_kb("VmRSS") or 0) / 1024
 
     def stop(self) -> tuple[float, float]:
         """(growth over the block, absolute peak) in MiB."""
@@ -151,7 +127,7 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
         elif self.method.startswith("VmHWM"):
-            peak = (_proc_status_kb("VmHWM") or 0) / 1024
+            peak = (status_kb("VmHWM") or 0) / 1024
         else:
             peak = _ru_maxrss_mb()
         return peak - self.before_mb, peak
@@ -226,7 +202,7 @@ def run_child(args: argparse.Namespace) -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "memory_method": meter.method,
-        "rss_after_loading_mb": (_proc_status_kb("VmRSS") or 0) / 1024,
+        "rss_after_loading_mb": (status_kb("VmRSS") or 0) / 1024,
         "parameters": sum(q.numel() for q in module.parameters()),
         "max_dropout": max((m.p for m in module.modules() if isinstance(m, nn.Dropout)), default=0.0),
         "token_shapes": shapes,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import os
@@ -25,6 +24,7 @@ from embedlab.evaluation.compression import (
     scalar_search,
     truncate,
 )
+from embedlab.peak_memory import reset_peak_rss, status_kb
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -370,29 +370,6 @@ def test_bytes_per_vector():
 # ------------------------------------------------------------------------------------------------------------
 # memory bound
 # ------------------------------------------------------------------------------------------------------------
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``, best effort) so reuse of memory freed earlier does
-    not hide allocations, then reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 MEMORY_BOUND_MB = 150
 
 
@@ -407,7 +384,7 @@ def test_searches_stay_memory_bounded(monkeypatch):
     The full 100 x 200_000 score matrix would be only 80 MB, so chunking is also checked structurally: the largest
     score block seen by the matmul and the Hamming kernel is (100, 20_000).
     """
-    if not os.path.exists("/proc/self/status") or not _reset_peak_rss():
+    if not os.path.exists("/proc/self/status") or not reset_peak_rss():
         pytest.skip("needs Linux /proc/self/status and a writable /proc/self/clear_refs")
     n, d, chunk = 200_000, 384, 20_000
     gen = torch.Generator().manual_seed(0)
@@ -434,10 +411,10 @@ def test_searches_stay_memory_bounded(monkeypatch):
     growth_mb = {}
     for name, run in runs.items():
         gc.collect()
-        _reset_peak_rss()
-        before = _proc_status_kb("VmRSS")
+        reset_peak_rss()
+        before = status_kb("VmRSS")
         _, idx = run()
-        growth_mb[name] = (_proc_status_kb("VmHWM") - before) / 1024
+        growth_mb[name] = (status_kb("VmHWM") - before) / 1024
         assert idx.shape == (100, 10)
         assert torch.equal(idx[:, 0], targets), name  # the noisy copy finds its source row first
     assert max(blocks) == (100, chunk)

@@ -16,6 +16,7 @@ from embedlab.evaluation import compression
 from embedlab.evaluation.evaluators import RetrievalEvaluator
 from embedlab.evaluation.grid import CompressionGrid, report_grid
 from embedlab.evaluation.metrics import retrieval_metrics
+from embedlab.peak_memory import reset_peak_rss, status_kb
 from tests.conftest import compose_config
 
 
@@ -139,13 +140,6 @@ def test_unknown_precision_message():
         CompressionGrid(precisions=("float32", "int4"))
 
 
-def _vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak memory")
 def test_grid_memory_bounded_on_200k_corpus():
     """Grid over a synthetic 200k x 384 corpus (293 MiB float32): peak growth < 4x the corpus size.
@@ -162,10 +156,10 @@ def test_grid_memory_bounded_on_200k_corpus():
     corpus_mb = corpus.numel() * 4 / 2**20
     evaluator = RetrievalEvaluator(task, k_values=(10,), top_k=10, dims=(384, 64),
                                    precisions=("float32", "int8", "binary_rescore"), corpus_chunk_size=20_000)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _vm_hwm_mb()
+    assert reset_peak_rss()  # VmHWM = the current RSS
+    before = status_kb("VmHWM") / 1024
     metrics = evaluator.compute({"query": queries, "document": corpus}, prefix="")
-    growth = _vm_hwm_mb() - before
+    growth = status_kb("VmHWM") / 1024 - before
     assert growth < 4 * corpus_mb, f"peak grew {growth:.0f} MiB for a {corpus_mb:.0f} MiB corpus"
     assert metrics["recall@10@dim384"] > 0.95 and metrics["recall@10@dim384@int8"] > 0.95
     assert not math.isnan(growth) and os.cpu_count()
