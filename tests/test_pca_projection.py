@@ -67,6 +67,12 @@ def test_errors():
     with pytest.raises(ValueError, match=r"PCAProjectionInit needs a model with a projection layer: set model.projection_dim"):
         PCAProjectionInit().on_fit_start(_Trainer(), _Module())
 
+    class _Wide:
+        model = tiny_bi_encoder(seed=0, projection_dim=48)
+
+    with pytest.raises(ValueError, match=r"model.projection_dim=48 exceeds the pooled width 32; a PCA has at most 32 axes"):
+        PCAProjectionInit().on_fit_start(_Trainer(), _Wide())
+
 
 def test_train_sets_projection_before_training(tmp_path, tiny_data_root):
     """callbacks=pca_projection in a real run (lr 0, so the weights stay where the init put them): the saved

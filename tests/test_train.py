@@ -201,7 +201,7 @@ def test_adamw_is_fused_where_lightning_allows(trained):
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
 
 
-def test_lr_multipliers_make_param_groups():
+def test_lr_multipliers_make_param_groups(tmp_path):
     """module.lr_multipliers: the projection gets factor x lr in its own group, the rest the base lr; the
     warm-up schedule scales both; an unknown prefix is an exact error."""
     import functools
@@ -222,6 +222,13 @@ def test_lr_multipliers_make_param_groups():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.5e-3, 5e-5])  # step 0 of a 2-step warm-up
     scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-3, 1e-4])
+
+    # the README's override composes into the same groups
+    cfg = compose_config("train", ["model=tiny", "model.projection_dim=32", "module.lr_multipliers={model.dense: 50}"], tmp_path)
+    from hydra.utils import instantiate
+
+    composed = instantiate(cfg.module, model=instantiate(cfg.model), loss=instantiate(cfg.loss))
+    assert [g.get("lr") for g in composed._param_groups()] == [cfg.module.optimizer.lr * 50, None]
 
     bad = BiEncoderModule(tiny_bi_encoder(seed=0), MultipleNegativesRankingLoss(), adamw, lr_multipliers={"model.dense": 50})
     with pytest.raises(ValueError, match=r"lr_multipliers: no trainable parameter under 'model.dense'; parameter names start with model.transformer"):

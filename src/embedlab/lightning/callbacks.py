@@ -44,6 +44,11 @@ class PCAProjectionInit(L.Callback):
                 "PCAProjectionInit needs a model with a projection layer: set model.projection_dim "
                 "(e.g. model.projection_dim=384 for a rotation of a 384-d model)"
             )
+        if model.dense.out_features > model.dense.in_features:
+            raise ValueError(
+                f"PCAProjectionInit: model.projection_dim={model.dense.out_features} exceeds the pooled width "
+                f"{model.dense.in_features}; a PCA has at most {model.dense.in_features} axes"
+            )
         if trainer.ckpt_path:
             log.info("PCAProjectionInit: resuming from %s, keeping its projection", trainer.ckpt_path)
             return
