@@ -19,8 +19,10 @@ Timing: the wall clock at the end of every optimizer step (Lightning ``on_train_
 ``on_step_end``); throughput = pairs of the steps after the first ``--warmup`` / time from the end of step
 ``--warmup`` to the end of the last step, so data loading, tokenization (embedlab: in the training step;
 sentence-transformers: in its collator), forward, backward, clipping, optimizer, scheduler and the loop's own
-bookkeeping all count on both sides. Both run in this process, alternating order, ``--repeats`` times; the best
-run of each is compared. Then one more embedlab run under cProfile (the steps after the warm-up only) gives the
+bookkeeping all count on both sides. A third arm runs embedlab with ``model.fast_cpu_dropout=false`` (PyTorch's
+dropout and transformers' sdpa attention instead of ``embedlab.models.cpu_dropout``), to show what the CPU
+dropout kernels contribute. All arms run in this process, in alternating order, ``--repeats`` times; the best run
+of each is compared (the ratio of the means is reported too). Then one more embedlab run under cProfile (the steps after the warm-up only) gives the
 breakdown of embedlab's step time.
 
 Full size:
@@ -73,6 +75,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=12, help="functions listed from the profile (by own time)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--no-torch-dropout-arm", dest="torch_dropout_arm", action="store_false",
+        help="skip the third arm: embedlab with model.fast_cpu_dropout=false (PyTorch's own dropout and sdpa)",
+    )
     parser.add_argument("--out", default="benchmarks/results/train_throughput.md")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
@@ -143,7 +149,10 @@ def summarize(name: str, starts: list[float], ends: list[float], args: argparse.
 
 
 # ------------------------------------------------------------------------------------------------ embedlab
-def compose_train_cfg(args: argparse.Namespace, model_dir: str, output_dir: Path, steps: int, profile: bool):
+TORCH_DROPOUT_ARM = "embedlab, model.fast_cpu_dropout=false"
+
+
+def compose_train_cfg(args: argparse.Namespace, model_dir: str, output_dir: Path, steps: int, profile: bool, extra=()):
     """``configs/train.yaml`` composed as ``train.py`` would (tests/conftest.py ``compose_config``), plus the timer."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -160,7 +169,7 @@ def compose_train_cfg(args: argparse.Namespace, model_dir: str, output_dir: Path
         "test=false", "save_model=false", "logger=none", "callbacks=none", "trainer=cpu",
         f"++trainer.max_steps={total}", "trainer.max_epochs=-1", "++trainer.enable_checkpointing=false",
         "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false",
-        f"module.optimizer.lr={args.lr}", f"seed={args.seed}",
+        f"module.optimizer.lr={args.lr}", f"seed={args.seed}", *extra,
     ]  # fmt: skip
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
@@ -181,12 +190,12 @@ def compose_train_cfg(args: argparse.Namespace, model_dir: str, output_dir: Path
     return cfg, overrides
 
 
-def run_embedlab(args: argparse.Namespace, model_dir: str, profile: bool = False) -> dict:
+def run_embedlab(args: argparse.Namespace, model_dir: str, profile: bool = False, extra=()) -> dict:
     from embedlab.training import train
 
     steps = args.profile_steps if profile else args.steps
     with tempfile.TemporaryDirectory(prefix="train_throughput_embedlab_") as tmp:
-        cfg, overrides = compose_train_cfg(args, model_dir, Path(tmp), steps, profile)
+        cfg, overrides = compose_train_cfg(args, model_dir, Path(tmp), steps, profile, extra)
         _, objects = train(cfg)
     timer = next(cb for cb in objects["trainer"].callbacks if isinstance(cb, StepTimer))
     module = objects["module"]
@@ -376,14 +385,20 @@ def main() -> None:
     needed = args.warmup + max(args.steps, args.profile_steps)
     epochs_note = "" if needed <= batches else f" (more than one epoch: {needed} steps > {batches} batches per epoch)"
 
-    runs: dict[str, list[dict]] = {"embedlab": [], "sentence-transformers": []}
+    arms = {"embedlab": [], "sentence-transformers": [], TORCH_DROPOUT_ARM: ["model.fast_cpu_dropout=false"]}
+    if not args.torch_dropout_arm:
+        del arms[TORCH_DROPOUT_ARM]
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
         model_dir, model_name = resolve_model(args, Path(tmp))
         for r in range(args.repeats):
-            order = ["embedlab", "sentence-transformers"] if r % 2 == 0 else ["sentence-transformers", "embedlab"]
+            order = list(arms) if r % 2 == 0 else list(reversed(arms))  # alternating, so drifts do not favour one
             for name in order:
                 print(f"== run {r + 1}/{args.repeats}: {name}", flush=True)
-                res = run_embedlab(args, model_dir) if name == "embedlab" else run_st(args, model_dir, pairs)
+                if name == "sentence-transformers":
+                    res = run_st(args, model_dir, pairs)
+                else:
+                    res = run_embedlab(args, model_dir, extra=arms[name])
                 print(f"   {res['pairs_per_s']:.2f} pairs/s, {res['s_per_step']:.3f} s/step", flush=True)
                 runs[name].append(res)
         prof = None
@@ -423,9 +438,22 @@ def main() -> None:
             f"| {b['inside_s_per_step']:.3f} |"
         )
     verdict = "meets" if ratio >= 1.0 else "misses"
+    mean = {name: sum(r["pairs_per_s"] for r in rs) / len(rs) for name, rs in runs.items()}
     lines += [
         "",
-        f"**throughput ratio embedlab / sentence-transformers: {ratio:.2f}x** ({verdict} the target of at least 1.0)",
+        f"**throughput ratio embedlab / sentence-transformers: {ratio:.2f}x** ({verdict} the target of at least 1.0); "
+        f"ratio of the means {mean['embedlab'] / mean['sentence-transformers']:.2f}x",
+    ]
+    if TORCH_DROPOUT_ARM in runs:
+        lines += [
+            "",
+            f"Without embedlab's CPU dropout kernels (`model.fast_cpu_dropout=false`: PyTorch's dropout, transformers' "
+            f"sdpa attention): {best[TORCH_DROPOUT_ARM] / best['sentence-transformers']:.2f}x best, "
+            f"{mean[TORCH_DROPOUT_ARM] / mean['sentence-transformers']:.2f}x of the means. The kernels compute the same "
+            "dropout (tests/test_cpu_dropout.py); the difference is the cost of drawing the masks and of the unfused "
+            "attention-with-dropout path (embedlab/models/cpu_dropout.py).",
+        ]
+    lines += [
         "",
         "The hook-to-hook column leaves out what happens between steps: for sentence-transformers that includes fetching "
         "and tokenizing the next batch (its collator), for embedlab tokenization is inside the step.",

@@ -20,6 +20,7 @@ from embedlab.lightning import BiEncoderModule
 from embedlab.lightning import grad_cache as gc
 from embedlab.losses import CoSENTLoss, MatryoshkaLoss, MultipleNegativesRankingLoss
 from embedlab.models import tiny_bi_encoder
+from embedlab.models.cpu_dropout import use_fast_cpu_dropout
 from tests.conftest import TOPICS, compose_config
 from tests.test_distributed import _assert_rel, make_examples
 
@@ -124,11 +125,14 @@ def _chunked_reference(module: BiEncoderModule, batch: dict, mini_batch_size: in
     return loss.detach()
 
 
-def test_grad_cache_replays_dropout_masks(monkeypatch):
+@pytest.mark.parametrize("fast_cpu_dropout", [False, True], ids=["torch_dropout", "fast_cpu_dropout"])
+def test_grad_cache_replays_dropout_masks(monkeypatch, fast_cpu_dropout):
     """Dropout 0.1: GradCache's re-forward under the saved RNG states gives exactly the gradient of the
-    mini-batches' own forward pass (the masks of pass 1 and pass 2 are the same). Without the replay
-    (RandContext disabled) the gradient is a different one."""
+    mini-batches' own forward pass (the masks of pass 1 and pass 2 are the same), with PyTorch's dropout
+    and with embedlab.models.cpu_dropout. Without the replay (RandContext disabled) the gradient differs."""
     module = _module(MultipleNegativesRankingLoss(), dropout=0.1)
+    if fast_cpu_dropout:
+        use_fast_cpu_dropout(module.model.transformer.backbone)
     batch = collate_examples(make_examples(6))
     # dropout is really on: two forward passes of the same texts differ
     with torch.no_grad():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from embedlab.models.cpu_dropout import use_fast_cpu_dropout
 from embedlab.models.dense import Dense
 from embedlab.models.pooling import ST_POOLING_FLAGS, Pooling
 
@@ -222,6 +223,7 @@ class BiEncoder(nn.Module):
         torch_dtype: str | None = None,
         attn_implementation: str | None = None,
         projection_dim: int | None = None,
+        fast_cpu_dropout: bool = True,
     ) -> "BiEncoder":
         """Load a Hugging Face / sentence-transformers folder, a Hub id, or an embedlab ``.ckpt``.
 
@@ -230,6 +232,8 @@ class BiEncoder(nn.Module):
         length 256 and no prompt. A ``Dense`` module in the folder is loaded; ``projection_dim`` adds a new
         bias-free linear layer after pooling, initialized to the identity (square) or its first rows, when
         the folder has none (a folder's own layer must then have that output width).
+        ``fast_cpu_dropout`` switches the backbone's dropout and sdpa attention to
+        :mod:`embedlab.models.cpu_dropout` (faster CPU training, same function; no effect elsewhere).
         """
         path = str(path)
         if path.endswith(".ckpt"):
@@ -240,6 +244,8 @@ class BiEncoder(nn.Module):
         normalize = saved.get("normalize", True) if normalize in (None, "auto") else bool(normalize)
         default_len = max_seq_length or saved.get("max_seq_length", 256)
         transformer = load_transformer(path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
+        if fast_cpu_dropout:
+            use_fast_cpu_dropout(transformer.backbone)
         transformer.do_lower_case = bool(saved.get("do_lower_case", False))
         dense = Dense.load(folder / saved["dense_path"]) if "dense_path" in saved else None
         if projection_dim is not None:
