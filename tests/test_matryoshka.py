@@ -57,3 +57,72 @@ def test_matryoshka_errors():
         MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[])
     with pytest.raises(ValueError, match=r"matryoshka dims \[32\] are not in 1..16"):
         MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[32, 8])(_batch())
+
+
+def _softmax_kl_by_hand(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum_j p_j (log p_j - log q_j) per row with explicit loops over finite columns, mean over rows, * T^2."""
+    rows = []
+    for t_row, s_row in zip(teacher, student):
+        keep = torch.isfinite(t_row)
+        p = torch.softmax(t_row[keep] / temperature, -1)
+        log_q = torch.log_softmax(s_row[keep] / temperature, -1)
+        rows.append((p * (p.log() - log_q)).sum())
+    return torch.stack(rows).mean() * temperature**2
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["no_mask", "duplicates_masked"])
+def test_matryoshka_self_distillation_equals_hand_computation(mask):
+    """distill_weight > 0 adds w_d * weight * T^2 * KL(teacher || student) per smaller dim, with the largest dim's
+    logits as a constant teacher; masked candidates (-inf) do not count. Loss and gradients match by hand."""
+    dims, weights, distill, temperature = [16, 8, 4], [1.0, 0.5, 2.0], 0.7, 2.0
+    inner = MultipleNegativesRankingLoss(scale=10.0, mask_duplicates=mask)
+    batch = _batch(True)
+    if mask:  # pair 1 has pair 0's positive: it leaves query 0's softmax (and the other way round)
+        batch.query_ids = list(range(6))
+        batch.positive_ids = ["d0", "d0", "d2", "d3", "d4", "d5"]
+        batch.negative_ids = [f"n{i}{j}" for i in range(6) for j in "ab"]
+    ours = MatryoshkaLoss(inner, dims=dims, weights=weights, distill_weight=distill, distill_temperature=temperature)(batch)
+    tensors = [batch.query, batch.positive, batch.negatives]
+    grads = torch.autograd.grad(ours["loss"], tensors)
+
+    def cut(d):
+        return EmbeddedBatch(
+            query=F.normalize(batch.query[:, :d], dim=-1), positive=F.normalize(batch.positive[:, :d], dim=-1),
+            negatives=F.normalize(batch.negatives[..., :d], dim=-1), query_ids=batch.query_ids,
+            positive_ids=batch.positive_ids, negative_ids=batch.negative_ids, extras=batch.extras,
+        )
+
+    teacher = inner.logits(cut(16))[0].detach()
+    if mask:
+        assert torch.isinf(teacher).any()
+    reference = sum(w * inner(cut(d))["loss"] for d, w in zip(dims, weights))
+    for d, w in zip(dims[1:], weights[1:]):
+        kl = _softmax_kl_by_hand(teacher, inner.logits(cut(d))[0], temperature)
+        assert ours[f"distill@dim{d}"].item() == pytest.approx(kl.item(), rel=1e-10)
+        reference = reference + distill * w * kl
+    ref_grads = torch.autograd.grad(reference, tensors)
+    assert "distill@dim16" not in ours
+    assert ours["loss"].item() == pytest.approx(reference.item(), rel=1e-10)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_matryoshka_self_distillation_errors():
+    with pytest.raises(ValueError, match="matryoshka distill_weight needs an inner loss with query -> candidate logits"):
+        MatryoshkaLoss(CoSENTLoss(), dims=[8, 4], distill_weight=1.0)
+    with pytest.raises(ValueError, match="distill_weight must be >= 0 and distill_temperature > 0"):
+        MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[8, 4], distill_weight=1.0, distill_temperature=0.0)
+    # off by default: no distill terms, and CoSENT is fine
+    assert not any(k.startswith("distill") for k in MatryoshkaLoss(CoSENTLoss(), dims=[16, 8])(_batch()))
+
+
+def test_matryoshka_self_distillation_through_cached_mnrl():
+    """loss=cached_mnrl inside Matryoshka: the GradCache wrapper exposes the inner mnrl's logits, same values."""
+    from embedlab.lightning.grad_cache import cached_mnrl
+
+    batch = _batch(True)
+    plain = MatryoshkaLoss(MultipleNegativesRankingLoss(), dims=[16, 4], distill_weight=1.0)(batch)
+    cached = MatryoshkaLoss(cached_mnrl(mini_batch_size=2), dims=[16, 4], distill_weight=1.0)(batch)
+    assert set(cached) == set(plain) and "distill@dim4" in cached
+    for k in plain:
+        assert cached[k].item() == pytest.approx(plain[k].item(), rel=1e-12)

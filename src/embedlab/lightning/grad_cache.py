@@ -132,6 +132,15 @@ class GradCacheLoss(nn.Module):
     def forward(self, batch: EmbeddedBatch) -> dict[str, torch.Tensor]:
         return self.loss(batch)
 
+    def __getattr__(self, name: str):
+        # the wrapped loss's other methods (e.g. mnrl's logits(batch), which Matryoshka distillation uses)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "loss":
+                raise
+            return getattr(super().__getattr__("loss"), name)
+
 
 def cached_mnrl(mini_batch_size: int = 32, **mnrl_options) -> GradCacheLoss:
     """:class:`MultipleNegativesRankingLoss` (``mnrl_options``) trained with GradCache (CachedMNRL)."""

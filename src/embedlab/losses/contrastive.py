@@ -55,7 +55,12 @@ class MultipleNegativesRankingLoss(nn.Module):
         self.gather_across_devices = gather_across_devices
         self.mask_duplicates = mask_duplicates
 
-    def forward(self, batch: EmbeddedBatch) -> dict[str, torch.Tensor]:
+    def logits(self, batch: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query -> candidate logits (B, C) (gathered and masked as in ``forward``; masked = -inf) and the
+        target column of each query (B,). Matryoshka self-distillation compares these across dims."""
+        return self._forward_logits(batch)[:2]
+
+    def _forward_logits(self, batch: EmbeddedBatch):
         query, positive = batch.query, batch.positive  # (B, D) each
         b, dim = query.shape
         negatives = query.new_zeros(0, dim) if batch.negatives is None else batch.negatives.reshape(-1, dim)  # (B*n, D)
@@ -86,6 +91,11 @@ class MultipleNegativesRankingLoss(nn.Module):
                 labels=labels,
             )
             logits = logits.masked_fill(mask.to(logits.device), float("-inf"))
+        return logits, labels, all_query, ids, all_ids
+
+    def forward(self, batch: EmbeddedBatch) -> dict[str, torch.Tensor]:
+        logits, labels, all_query, ids, all_ids = self._forward_logits(batch)
+        positive = batch.positive
         terms = {"mnrl": F.cross_entropy(logits, labels)}
         if self.symmetric:
             # positive i against the queries (of every rank under the gather); its own query is the target

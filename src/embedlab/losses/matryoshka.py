@@ -26,11 +26,25 @@ class MatryoshkaLoss(nn.Module):
         loss: the inner loss (mnrl, cosent, triplet, ...).
         dims: prefix sizes, e.g. ``[384, 256, 128, 64, 32]``.
         weights: one weight per dim (default 1 each).
+        distill_weight: self-distillation from the largest dim to the others (0 = off). Each smaller dim d
+            adds ``distill_weight * w_d * T^2 * KL(softmax(z_max / T) || softmax(z_d / T))`` per query,
+            averaged over queries, where z are the inner loss's query -> candidate logits (``logits(batch)``,
+            so mnrl / cached mnrl) and z_max is detached: the truncated embedding learns the full one's
+            ranking of every in-batch candidate, not only the target. The idea is that of 2D Matryoshka
+            Sentence Embeddings (Li et al. 2024) and of Hinton et al. 2015's temperature-scaled KD.
+        distill_temperature: T above.
 
-    Returns ``{"loss": sum_d w_d * inner_d, "<term>@dim<d>": ...}`` for each term of the inner loss.
+    Returns ``{"loss": sum_d w_d * inner_d [+ distill terms], "<term>@dim<d>": ..., "distill@dim<d>": ...}``.
     """
 
-    def __init__(self, loss: nn.Module, dims: Sequence[int], weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        loss: nn.Module,
+        dims: Sequence[int],
+        weights: Sequence[float] | None = None,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         if not dims:
             raise ValueError("matryoshka dims must list at least one dimension")
@@ -40,6 +54,18 @@ class MatryoshkaLoss(nn.Module):
         self.loss = loss
         self.dims = [int(d) for d in dims]
         self.weights = [float(w) for w in weights]
+        self.distill_weight = float(distill_weight)
+        self.distill_temperature = float(distill_temperature)
+        if self.distill_weight < 0 or self.distill_temperature <= 0:
+            raise ValueError(
+                f"matryoshka distill_weight must be >= 0 and distill_temperature > 0, "
+                f"got {distill_weight} and {distill_temperature}"
+            )
+        if self.distill_weight > 0 and not callable(getattr(loss, "logits", None)):
+            raise ValueError(
+                f"matryoshka distill_weight needs an inner loss with query -> candidate logits (mnrl, cached_mnrl); "
+                f"{type(loss).__name__} has no logits(batch)"
+            )
 
     def forward(self, batch: EmbeddedBatch) -> dict[str, torch.Tensor]:
         full = batch.query.shape[-1]
@@ -49,16 +75,36 @@ class MatryoshkaLoss(nn.Module):
         renormalize = batch.extras.get("normalized", True)
         terms: dict[str, torch.Tensor] = {}
         total = None
+        teacher_dim = max(self.dims)
+        truncated = {}
         for dim, weight in zip(self.dims, self.weights):
 
             def truncate(t: torch.Tensor, dim: int = dim) -> torch.Tensor:
                 t = t[..., :dim]  # (..., d)
                 return F.normalize(t, dim=-1) if renormalize else t
 
-            inner = self.loss(batch.map_embeddings(truncate))
+            truncated[dim] = batch.map_embeddings(truncate)
+            inner = self.loss(truncated[dim])
             for name, value in inner.items():
                 if name != "loss":
                     terms[f"{name}@dim{dim}"] = value
             total = weight * inner["loss"] if total is None else total + weight * inner["loss"]
+        if self.distill_weight > 0:
+            teacher = self.loss.logits(truncated[teacher_dim])[0].detach()  # (B, C)
+            for dim, weight in zip(self.dims, self.weights):
+                if dim == teacher_dim:
+                    continue
+                kl = _kl_div(teacher, self.loss.logits(truncated[dim])[0], self.distill_temperature)
+                terms[f"distill@dim{dim}"] = kl
+                total = total + self.distill_weight * weight * kl
         terms["loss"] = total
         return terms
+
+
+def _kl_div(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over rows; -inf (masked) columns skipped."""
+    t = F.log_softmax(teacher / temperature, dim=-1)  # (B, C)
+    s = F.log_softmax(student / temperature, dim=-1)
+    kept = torch.isfinite(t)  # masked candidates: probability 0 in both, no contribution
+    per_row = (t.exp() * (t - s).masked_fill(~kept, 0.0)).sum(-1)  # (B,)
+    return per_row.mean() * temperature**2
