@@ -410,13 +410,17 @@ def test_searches_stay_memory_bounded(monkeypatch):
     }
     growth_mb = {}
     for name, run in runs.items():
-        gc.collect()
-        reset_peak_rss()
-        before = status_kb("VmRSS")
-        _, idx = run()
-        growth_mb[name] = (status_kb("VmHWM") - before) / 1024
-        assert idx.shape == (100, 10)
-        assert torch.equal(idx[:, 0], targets), name  # the noisy copy finds its source row first
+        # the smaller of two calls: the allocator's state left by earlier tests sometimes adds ~100 MB to one
+        # call (seen 1 in ~5 runs of this file); a whole-corpus copy would exceed the bound in both calls
+        growth_mb[name] = float("inf")
+        for _ in range(2):
+            gc.collect()
+            reset_peak_rss()
+            before = status_kb("VmRSS")
+            _, idx = run()
+            growth_mb[name] = min(growth_mb[name], (status_kb("VmHWM") - before) / 1024)
+            assert idx.shape == (100, 10)
+            assert torch.equal(idx[:, 0], targets), name  # the noisy copy finds its source row first
     assert max(blocks) == (100, chunk)
     assert all(g < MEMORY_BOUND_MB for g in growth_mb.values()), growth_mb
 
