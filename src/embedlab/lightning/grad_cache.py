@@ -133,7 +133,7 @@ class GradCacheLoss(nn.Module):
         return self.loss(batch)
 
     def __getattr__(self, name: str):
-        # the wrapped loss's other methods (e.g. mnrl's logits(batch), which Matryoshka distillation uses)
+        # the wrapped loss's other methods (e.g. mnrl's forward_with_logits, which Matryoshka distillation uses)
         try:
             return super().__getattr__(name)
         except AttributeError:

@@ -55,11 +55,6 @@ class MultipleNegativesRankingLoss(nn.Module):
         self.gather_across_devices = gather_across_devices
         self.mask_duplicates = mask_duplicates
 
-    def logits(self, batch: EmbeddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The query -> candidate logits (B, C) (gathered and masked as in ``forward``; masked = -inf) and the
-        target column of each query (B,). Matryoshka self-distillation compares these across dims."""
-        return self._forward_logits(batch)[:2]
-
     def _forward_logits(self, batch: EmbeddedBatch):
         query, positive = batch.query, batch.positive  # (B, D) each
         b, dim = query.shape
@@ -94,6 +89,11 @@ class MultipleNegativesRankingLoss(nn.Module):
         return logits, labels, all_query, ids, all_ids
 
     def forward(self, batch: EmbeddedBatch) -> dict[str, torch.Tensor]:
+        return self.forward_with_logits(batch)[0]
+
+    def forward_with_logits(self, batch: EmbeddedBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``forward``'s terms and the query -> candidate logits (B, C) they came from (gathered and masked as
+        above; masked = -inf), so Matryoshka self-distillation reuses them instead of scoring twice."""
         logits, labels, all_query, ids, all_ids = self._forward_logits(batch)
         positive = batch.positive
         terms = {"mnrl": F.cross_entropy(logits, labels)}
@@ -116,7 +116,7 @@ class MultipleNegativesRankingLoss(nn.Module):
             terms["loss"] = (terms["mnrl"] + terms["mnrl_backward"]) / 2
         else:
             terms["loss"] = terms["mnrl"]
-        return terms
+        return terms, logits
 
 
 class _PairIds:

@@ -28,9 +28,10 @@ class MatryoshkaLoss(nn.Module):
         weights: one weight per dim (default 1 each).
         distill_weight: self-distillation from the largest dim to the others (0 = off). Each smaller dim d
             adds ``distill_weight * w_d * T^2 * KL(softmax(z_max / T) || softmax(z_d / T))`` per query,
-            averaged over queries, where z are the inner loss's query -> candidate logits (``logits(batch)``,
-            so mnrl / cached mnrl) and z_max is detached: the truncated embedding learns the full one's
-            ranking of every in-batch candidate, not only the target. The idea is that of 2D Matryoshka
+            averaged over queries, where z are the inner loss's query -> candidate logits
+            (``forward_with_logits(batch)``, so mnrl / cached mnrl; the ones its loss term already computed)
+            and z_max is detached: the truncated embedding learns the full one's ranking of every in-batch
+            candidate, not only the target. The idea is that of 2D Matryoshka
             Sentence Embeddings (Li et al. 2024) and of Hinton et al. 2015's temperature-scaled KD.
         distill_temperature: T above.
 
@@ -61,10 +62,10 @@ class MatryoshkaLoss(nn.Module):
                 f"matryoshka distill_weight must be >= 0 and distill_temperature > 0, "
                 f"got {distill_weight} and {distill_temperature}"
             )
-        if self.distill_weight > 0 and not callable(getattr(loss, "logits", None)):
+        if self.distill_weight > 0 and not callable(getattr(loss, "forward_with_logits", None)):
             raise ValueError(
                 f"matryoshka distill_weight needs an inner loss with query -> candidate logits (mnrl, cached_mnrl); "
-                f"{type(loss).__name__} has no logits(batch)"
+                f"{type(loss).__name__} has no forward_with_logits(batch)"
             )
 
     def forward(self, batch: EmbeddedBatch) -> dict[str, torch.Tensor]:
@@ -75,26 +76,28 @@ class MatryoshkaLoss(nn.Module):
         renormalize = batch.extras.get("normalized", True)
         terms: dict[str, torch.Tensor] = {}
         total = None
-        teacher_dim = max(self.dims)
-        truncated = {}
+        logits = {}  # dim -> (B, C) inner logits, kept only for distillation
         for dim, weight in zip(self.dims, self.weights):
 
             def truncate(t: torch.Tensor, dim: int = dim) -> torch.Tensor:
                 t = t[..., :dim]  # (..., d)
                 return F.normalize(t, dim=-1) if renormalize else t
 
-            truncated[dim] = batch.map_embeddings(truncate)
-            inner = self.loss(truncated[dim])
+            if self.distill_weight > 0:
+                inner, logits[dim] = self.loss.forward_with_logits(batch.map_embeddings(truncate))
+            else:
+                inner = self.loss(batch.map_embeddings(truncate))
             for name, value in inner.items():
                 if name != "loss":
                     terms[f"{name}@dim{dim}"] = value
             total = weight * inner["loss"] if total is None else total + weight * inner["loss"]
         if self.distill_weight > 0:
-            teacher = self.loss.logits(truncated[teacher_dim])[0].detach()  # (B, C)
+            teacher_dim = max(self.dims)
+            teacher = logits[teacher_dim].detach()  # (B, C)
             for dim, weight in zip(self.dims, self.weights):
                 if dim == teacher_dim:
                     continue
-                kl = _kl_div(teacher, self.loss.logits(truncated[dim])[0], self.distill_temperature)
+                kl = _kl_div(teacher, logits[dim], self.distill_temperature)
                 terms[f"distill@dim{dim}"] = kl
                 total = total + self.distill_weight * weight * kl
         terms["loss"] = total
