@@ -22,8 +22,8 @@ sentence-transformers: in its collator), forward, backward, clipping, optimizer,
 bookkeeping all count on both sides. A third arm runs embedlab with ``model.fast_cpu_dropout=false`` (PyTorch's
 dropout and transformers' sdpa attention instead of ``embedlab.models.cpu_dropout``), to show what the CPU
 dropout kernels contribute. All arms run in this process, in alternating order, ``--repeats`` times; the best run
-of each is compared (the ratio of the means is reported too). Then one more embedlab run under cProfile (the steps after the warm-up only) gives the
-breakdown of embedlab's step time.
+of each is compared (the ratio of the means is reported too). Then one more embedlab run under cProfile (the
+steps after the warm-up only) gives the breakdown of embedlab's step time.
 
 Full size:
 

@@ -62,6 +62,30 @@ def test_model_configs(model, tmp_path, tiny_data_root, monkeypatch):
         assert encoder.embedding_dim == 384 and encoder.max_seq_length == {"query": 256, "document": 256}
 
 
+def test_new_model_and_matryoshka_options_compose(tmp_path, tiny_data_root):
+    """model.fast_cpu_dropout (on by default, off by override) and loss.distill_weight from the command line."""
+    from embedlab.models.cpu_dropout import ATTN_IMPLEMENTATION, FastDropout
+
+    for flag, attn in (("true", ATTN_IMPLEMENTATION), ("false", "sdpa")):
+        cfg = compose_config("train", [f"model.fast_cpu_dropout={flag}", f"data.root={tiny_data_root}"], tmp_path)
+        backbone = instantiate(cfg.model).transformer.backbone
+        assert backbone.config._attn_implementation == attn
+        assert any(isinstance(m, FastDropout) for m in backbone.modules()) == (flag == "true")
+    cfg = compose_config(
+        "train",
+        ["model=tiny", "loss=matryoshka", "loss.dims=[8,4]", "loss.distill_weight=0.5", "loss.distill_temperature=2",
+         f"data.root={tiny_data_root}"],
+        tmp_path,
+    )  # fmt: skip
+    fn = instantiate(cfg.loss)
+    assert (fn.distill_weight, fn.distill_temperature) == (0.5, 2.0)
+    g = torch.Generator().manual_seed(0)
+    q, p = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    from embedlab.losses import EmbeddedBatch
+
+    assert "distill@dim4" in fn(EmbeddedBatch(query=q, positive=p))
+
+
 @pytest.mark.parametrize("loss", options("loss"))
 def test_loss_configs(loss, tmp_path, tiny_data_root):
     overrides = ["model=tiny", f"loss={loss}", f"data.root={tiny_data_root}"]

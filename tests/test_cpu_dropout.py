@@ -156,6 +156,8 @@ def test_from_pretrained_option_and_saved_folder(tmp_path):
     backbone = model.transformer.backbone
     assert backbone.config._attn_implementation == cpu_dropout.ATTN_IMPLEMENTATION
     assert sum(isinstance(m, FastDropout) for m in backbone.modules()) == 1 + 6 * 3  # embeddings + 3 per layer
+    with pytest.raises(ValueError, match="model.fast_cpu_dropout must be true or false, got 'yes'"):
+        BiEncoder.from_pretrained(path, fast_cpu_dropout="yes")
     off = BiEncoder.from_pretrained(path, fast_cpu_dropout=False).transformer.backbone
     assert off.config._attn_implementation == "sdpa"
     assert not any(isinstance(m, FastDropout) for m in off.modules())

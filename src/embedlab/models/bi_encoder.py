@@ -235,6 +235,8 @@ class BiEncoder(nn.Module):
         ``fast_cpu_dropout`` switches the backbone's dropout and sdpa attention to
         :mod:`embedlab.models.cpu_dropout` (faster CPU training, same function; no effect elsewhere).
         """
+        if not isinstance(fast_cpu_dropout, bool):
+            raise ValueError(f"model.fast_cpu_dropout must be true or false, got {fast_cpu_dropout!r}")
         path = str(path)
         if path.endswith(".ckpt"):
             return load_checkpoint(path)
