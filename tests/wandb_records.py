@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32 * 1024
@@ -39,8 +40,27 @@ def read_records(path: str | Path):
             pending = b""
 
 
-def logged_run(run_dir: str | Path) -> dict:
-    """``{"config": {key: value}, "history": [row dicts], "summary": {key: value}}`` of an offline run folder."""
+def logged_run(run_dir: str | Path, wait_s: float = 10.0) -> dict:
+    """``{"config": {key: value}, "history": [row dicts], "summary": {key: value}}`` of an offline run folder.
+
+    A protobuf ``DecodeError`` was seen twice in about 16 runs of the W&B test in a fresh clone and not reproduced
+    since; the suspected cause is W&B's service process still writing the log's last record after
+    ``wandb.finish()`` returns. A failed parse is therefore retried until the file parses or ``wait_s`` has
+    passed, then the error is raised (a file that stays corrupt still fails).
+    """
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _parse_run(run_dir)
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _parse_run(run_dir: str | Path) -> dict:
     (log_file,) = Path(run_dir).glob("run-*.wandb")
     out: dict = {"config": {}, "history": [], "summary": {}}
     for rec in read_records(log_file):
