@@ -24,7 +24,7 @@ def test_every_config_file_is_covered():
     covered = {"model", "pooling", "loss", "data", "trainer", "logger", "callbacks", "paths", "hydra", "debug", "experiment", "hparams_search", "launcher"}
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     assert groups == covered
-    assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} == {"train", "evaluate"}
+    assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} == {"train", "evaluate", "mine"}
 
 
 @pytest.mark.parametrize("pooling", options("pooling"))

@@ -31,7 +31,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any, TypeVar
@@ -178,6 +178,66 @@ def beir_training_pairs(
             f"{Path(folder) / qrels_folder / f'{split}.tsv'}: no qrels row with score >= {min_score}{selection}"
         )
     return pairs
+
+
+def read_hard_negatives(path: str | Path) -> dict[str, list[str]]:
+    """``{query_id: negative_ids}`` from a file ``embedlab.mining.write_hard_negatives`` wrote (or any JSONL with those
+    two fields); errors name the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: hard-negatives file not found")
+    out: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                obj: Any = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            qid, negs = obj.get("query_id"), obj.get("negative_ids")
+            if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+                raise DataError(f"{where}: field 'query_id' must be a string, got {qid!r}")
+            if not isinstance(negs, list) or not all(isinstance(d, (str, int)) for d in negs):
+                raise DataError(f"{where}: field 'negative_ids' must be a list of document ids, got {negs!r}")
+            if str(qid) in out:
+                raise DataError(f"{where}: query_id {qid!r} appears twice")
+            out[str(qid)] = [str(d) for d in negs]
+    return out
+
+
+def attach_hard_negatives(
+    pairs: list[Example],
+    negatives_by_query: Mapping[str, Sequence[str]],
+    corpus: Mapping[str, str],
+    num_negatives: int,
+    path: str | PathLike[str],
+) -> list[Example]:
+    """Copies of ``pairs`` with the first ``num_negatives`` mined negatives of each pair's query (texts and ids).
+
+    Raises:
+        DataError: naming ``path`` and the query, for a query without a line, with fewer negatives than
+            ``num_negatives``, or with a negative id that is not in the corpus.
+    """
+    out = []
+    for pair in pairs:
+        negs = negatives_by_query.get(pair.query_id)
+        if negs is None:
+            raise DataError(f"{path}: no line for training query {pair.query_id!r}")
+        if len(negs) < num_negatives:
+            raise DataError(
+                f"{path}: query {pair.query_id!r} has {len(negs)} negative_ids, num_negatives asks for {num_negatives} "
+                "(mine again with a larger mining.range_max or a smaller mining.relative_margin)"
+            )
+        ids = list(negs[:num_negatives])
+        unknown = [d for d in ids if d not in corpus]
+        if unknown:
+            raise DataError(f"{path}: query {pair.query_id!r}: negative_ids not in the corpus: {unknown}")
+        out.append(replace(pair, negatives=[corpus[d] for d in ids], negative_ids=ids))
+    return out
 
 
 def beir_download(name: str, root: str | PathLike[str]) -> Path:

@@ -21,12 +21,26 @@ class BeirSource:
 
     Training examples are (query, relevant document) pairs from the split's qrels (score >= 1).
     With ``download=true`` a missing folder is fetched from the BEIR mirror first (online users only).
+    ``hard_negatives``: a JSONL file of mined negatives (``python mine.py``, :mod:`embedlab.mining`); every
+    pair of a query then carries the first ``num_negatives`` of its ``negative_ids`` (texts and ids).
     """
 
-    def __init__(self, folder: str, split: str = "test", name: str | None = None, download: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str,
+        split: str = "test",
+        name: str | None = None,
+        download: bool = False,
+        hard_negatives: str | None = None,
+        num_negatives: int = 1,
+    ) -> None:
         self.folder = Path(folder)
         self.split = split
         self.name = name or self.folder.name
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        self.hard_negatives = None if hard_negatives in (None, "") else Path(hard_negatives)
+        self.num_negatives = num_negatives
         if download and not self.folder.is_dir():
             readers.beir_download(self.name, self.folder.parent)
 
@@ -34,7 +48,16 @@ class BeirSource:
         return readers.load_beir(self.folder, split=self.split)
 
     def examples(self, query_ids=None) -> list[Example]:
-        return readers.beir_training_pairs(self.folder, split=self.split, query_ids=query_ids)
+        pairs = readers.beir_training_pairs(self.folder, split=self.split, query_ids=query_ids)
+        if self.hard_negatives is None:
+            return pairs
+        return readers.attach_hard_negatives(
+            pairs, readers.read_hard_negatives(self.hard_negatives), self._corpus(), self.num_negatives,
+            self.hard_negatives,
+        )
+
+    def _corpus(self) -> dict[str, str]:
+        return readers.load_beir(self.folder, split=self.split).corpus
 
     def carve(self, fraction: float, seed: int) -> tuple[list[Example], RetrievalTask]:
         """Hold out ``fraction`` of the split's queries (with all their qrels) as a validation task."""
