@@ -103,7 +103,9 @@ def mine_hard_negatives(
         than ``num_negatives`` when its ranking runs out after filtering (logged).
     """
     check_mining_args(num_negatives, range_min, range_max, relative_margin)
-    query_ids = sorted(q for q, docs in task.qrels.items() if q in task.queries and any(s >= min_score for s in docs.values()))
+    query_ids = sorted(
+        q for q, docs in task.qrels.items() if q in task.queries and any(s >= min_score for s in docs.values())
+    )
     if not query_ids:
         raise DataError(f"{task.name}: no query with a qrels row of score >= {min_score} to mine negatives for")
     corpus_ids = list(task.corpus)
