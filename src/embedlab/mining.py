@@ -26,7 +26,7 @@ import torch
 
 from embedlab.data.errors import DataError
 from embedlab.data.records import RetrievalTask
-from embedlab.evaluation.search import exact_search
+from embedlab.evaluation.search import exact_search, prepare_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,18 @@ def select_negatives(
     num_negatives: int,
     range_min: int = 0,
     relative_margin: float | None = 0.05,
+    range_max: int | None = None,
 ) -> tuple[list[str], list[float]]:
     """The filters of one query, on its ranked candidates (best first).
 
-    Known positives are removed first; then the next ``range_min`` candidates are skipped, candidates above
-    ``(1 - relative_margin) * min(positive_scores)`` are dropped, and the first ``num_negatives`` left are kept
-    (fewer when the ranking runs out).
+    Known positives are removed first and the ranking cut to its first ``range_max`` (None: all); then the
+    first ``range_min`` candidates are skipped, candidates above ``(1 - relative_margin) * min(positive_scores)``
+    are dropped, and the first ``num_negatives`` left are kept (fewer when the ranking runs out).
     """
     ceiling = None
     if relative_margin is not None and positive_scores:
         ceiling = (1.0 - relative_margin) * min(positive_scores)
-    candidates = [(d, s) for d, s in zip(ranked_ids, ranked_scores) if d not in known_positive_ids]
+    candidates = [(d, s) for d, s in zip(ranked_ids, ranked_scores) if d not in known_positive_ids][:range_max]
     kept = [(d, s) for d, s in candidates[range_min:] if ceiling is None or s <= ceiling][:num_negatives]
     return [d for d, _ in kept], [s for _, s in kept]
 
@@ -122,33 +123,21 @@ def mine_hard_negatives(
     extra = max(len(task.qrels[q]) for q in query_ids)
     scores, indices = exact_search(queries, docs, range_max + extra, score_function,
                                    query_chunk_size, corpus_chunk_size)  # (Q, k) each
-    normed = _score_fn(score_function)
     mined, short = [], 0
     for row, qid in enumerate(query_ids):
         judged = task.qrels[qid]
-        positives = [d for d, s in judged.items() if s >= min_score]
-        pos_scores = normed(queries[row : row + 1], docs[[index[d] for d in positives]]).tolist()
-        # the first range_max candidates that are not in the qrels, as the docstring promises
-        ranked = [(corpus_ids[i], s) for i, s in zip(indices[row].tolist(), scores[row].tolist())
-                  if corpus_ids[i] not in judged][:range_max]
+        positives = [index[d] for d, s in judged.items() if s >= min_score]
+        pos_scores = (prepare_embeddings(docs[positives], score_function)
+                      @ prepare_embeddings(queries[row], score_function)).tolist()  # (P,)
         neg_ids, neg_scores = select_negatives(
-            [d for d, _ in ranked], [s for _, s in ranked], pos_scores, set(), num_negatives, range_min,
-            relative_margin,
+            [corpus_ids[i] for i in indices[row].tolist()], scores[row].tolist(), pos_scores, set(judged),
+            num_negatives, range_min, relative_margin, range_max,
         )
         short += len(neg_ids) < num_negatives
         mined.append(MinedNegatives(qid, neg_ids, neg_scores))
     if short:
         log.warning("%d of %d queries got fewer than %d negatives after filtering", short, len(mined), num_negatives)
     return mined
-
-
-def _score_fn(score_function: str):
-    def score(query: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:  # (1, D), (P, D) -> (P,)
-        if score_function == "cos":
-            query, docs = torch.nn.functional.normalize(query, dim=-1), torch.nn.functional.normalize(docs, dim=-1)
-        return (docs @ query.T).squeeze(1)
-
-    return score
 
 
 def write_hard_negatives(mined: list[MinedNegatives], path: str | Path) -> Path:

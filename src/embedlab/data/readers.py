@@ -46,6 +46,7 @@ __all__ = [
     "BEIR_URL",
     "beir_download",
     "beir_training_pairs",
+    "beir_task_pairs",
     "carve_split",
     "load_beir",
     "load_examples",
@@ -158,6 +159,16 @@ def beir_training_pairs(
         DataError: everything :func:`load_beir` raises, and a selection with no positive pair.
     """
     task = load_beir(folder, split, corpus_file, queries_file, qrels_folder, title_separator)
+    return beir_task_pairs(task, Path(folder) / qrels_folder / f"{split}.tsv", query_ids, min_score)
+
+
+def beir_task_pairs(
+    task: RetrievalTask,
+    qrels_path: str | PathLike[str],
+    query_ids: Sequence[str] | set[str] | None = None,
+    min_score: int = 1,
+) -> list[Example]:
+    """:func:`beir_training_pairs` of an already loaded ``task`` (``qrels_path`` names it in errors)."""
     keep = None if query_ids is None else set(query_ids)
     pairs = [
         Example(
@@ -174,9 +185,7 @@ def beir_training_pairs(
     ]
     if not pairs:
         selection = "" if keep is None else f" for the {len(keep)} query ids given"
-        raise DataError(
-            f"{Path(folder) / qrels_folder / f'{split}.tsv'}: no qrels row with score >= {min_score}{selection}"
-        )
+        raise DataError(f"{qrels_path}: no qrels row with score >= {min_score}{selection}")
     return pairs
 
 

@@ -47,17 +47,16 @@ class BeirSource:
     def task(self) -> RetrievalTask:
         return readers.load_beir(self.folder, split=self.split)
 
-    def examples(self, query_ids=None) -> list[Example]:
-        pairs = readers.beir_training_pairs(self.folder, split=self.split, query_ids=query_ids)
+    def examples(self, query_ids=None, task: RetrievalTask | None = None) -> list[Example]:
+        """Training pairs (of ``query_ids`` only, when given); ``task``: this split, if already loaded."""
+        task = self.task() if task is None else task
+        pairs = readers.beir_task_pairs(task, self.folder / "qrels" / f"{self.split}.tsv", query_ids)
         if self.hard_negatives is None:
             return pairs
         return readers.attach_hard_negatives(
-            pairs, readers.read_hard_negatives(self.hard_negatives), self._corpus(), self.num_negatives,
+            pairs, readers.read_hard_negatives(self.hard_negatives), task.corpus, self.num_negatives,
             self.hard_negatives,
         )
-
-    def _corpus(self) -> dict[str, str]:
-        return readers.load_beir(self.folder, split=self.split).corpus
 
     def carve(self, fraction: float, seed: int) -> tuple[list[Example], RetrievalTask]:
         """Hold out ``fraction`` of the split's queries (with all their qrels) as a validation task."""
@@ -70,7 +69,7 @@ class BeirSource:
             qrels={q: r for q, r in full.qrels.items() if q in val_ids},
             name=f"{self.name}-{self.split}-heldout",
         )
-        return self.examples(query_ids=set(train_ids)), val
+        return self.examples(query_ids=set(train_ids), task=full), val
 
 
 class STSSource:

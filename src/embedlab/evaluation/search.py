@@ -50,7 +50,8 @@ def _check_inputs(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tenso
     check_search_args(top_k, query_chunk_size, corpus_chunk_size)
 
 
-def _prepare(x: torch.Tensor, score_function: str) -> torch.Tensor:
+def prepare_embeddings(x: torch.Tensor, score_function: str) -> torch.Tensor:
+    """``x`` ready for a plain inner product under ``score_function`` (L2-normalised rows for ``"cos"``)."""
     return F.normalize(x, p=2, dim=-1) if score_function == "cos" else x
 
 
@@ -93,13 +94,13 @@ def exact_search(
 
     for q_start in range(0, num_queries, query_chunk_size):
         q_end = min(q_start + query_chunk_size, num_queries)
-        queries = _prepare(query_embeddings[q_start:q_end], score_function)  # (qc, D)
+        queries = prepare_embeddings(query_embeddings[q_start:q_end], score_function)  # (qc, D)
         best_scores: torch.Tensor | None = None  # running top-k of this query chunk: (qc, <=k)
         best_indices: torch.Tensor | None = None
         for c_start in range(0, num_docs, corpus_chunk_size):
             c_end = min(c_start + corpus_chunk_size, num_docs)
             docs = corpus_embeddings[c_start:c_end].to(device=device, dtype=dtype)
-            docs = _prepare(docs, score_function)  # (cc, D)
+            docs = prepare_embeddings(docs, score_function)  # (cc, D)
             block = torch.matmul(queries, docs.T)  # (qc, cc): the only large temporary
             chunk_scores, chunk_indices = torch.topk(block, min(k, c_end - c_start), dim=1)  # (qc, <=k)
             del block
@@ -169,7 +170,7 @@ def faiss_search(
         raise ImportError("faiss_search needs faiss: pip install faiss-cpu (or embedlab[faiss])") from err
 
     def to_numpy(x: torch.Tensor):
-        return _prepare(x.detach().to(device="cpu", dtype=torch.float32), score_function).contiguous().numpy()
+        return prepare_embeddings(x.detach().to(device="cpu", dtype=torch.float32), score_function).contiguous().numpy()
 
     device = query_embeddings.device
     num_queries, num_docs = query_embeddings.shape[0], corpus_embeddings.shape[0]
