@@ -41,31 +41,39 @@ def read_records(path: str | Path):
 
 
 def logged_run(run_dir: str | Path, wait_s: float = 10.0) -> dict:
-    """``{"config": {key: value}, "history": [row dicts], "summary": {key: value}}`` of an offline run folder.
+    """``{"config": {key: value}, "history": [row dicts], "summary": {key: value}, "complete": True}`` of an offline run.
 
-    A protobuf ``DecodeError`` was seen twice in about 16 runs of the W&B test in a fresh clone and not reproduced
-    since; the suspected cause is W&B's service process still writing the log's last record after
-    ``wandb.finish()`` returns. A failed parse is therefore retried until the file parses or ``wait_s`` has
-    passed, then the error is raised (a file that stays corrupt still fails).
+    W&B's service process can still be writing the log after ``wandb.finish()`` returns: CI has seen both a
+    protobuf ``DecodeError`` (a half-written last record) and a log that parsed but did not yet hold the config.
+    The log is complete once its ``exit`` record is there, so the file is re-read until it parses and holds
+    that record, or ``wait_s`` has passed; then the last error is raised (a log that never completes fails).
     """
     from google.protobuf.message import DecodeError
 
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return _parse_run(run_dir)
-        except DecodeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            run = _parse_run(run_dir)
+            if run["complete"]:
+                return run
+            error: Exception = AssertionError(f"{run_dir}: the W&B log has no exit record after {wait_s} s")
+        except DecodeError as exc:
+            error = exc
+        if time.monotonic() > deadline:
+            raise error
+        time.sleep(0.5)
 
 
 def _parse_run(run_dir: str | Path) -> dict:
     (log_file,) = Path(run_dir).glob("run-*.wandb")
-    out: dict = {"config": {}, "history": [], "summary": {}}
+    out: dict = {"config": {}, "history": [], "summary": {}, "complete": False}
     for rec in read_records(log_file):
         kind = rec.WhichOneof("record_type")
-        if kind == "config":
+        if kind == "run":  # config passed to wandb.init travels in the run record
+            out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "exit":
+            out["complete"] = True
+        elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
         elif kind == "history":
             out["history"].append({(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
