@@ -1,0 +1,125 @@
+"""Is a difference in nDCG@10 between two fine-tunes larger than the test set can resolve?
+
+Both models are scored on the same test queries at each Matryoshka dim; the per-query differences
+(model A minus model B) give the mean gap, a paired bootstrap 95 % interval (queries resampled with
+replacement) and a two-sided paired sign-flip permutation p-value. Each model is encoded once; the dims are
+truncations of that one encoding (re-normalised, as the evaluation grid does).
+
+    python benchmarks/paired_gap.py --data-root ../shared/data \
+        --pair matryoshka=RUN_A/model,plain=RUN_B/model --dims 384,64 --out benchmarks/results/paired_gap.md
+
+``--pair`` may be repeated; a model folder shared by several pairs is encoded once. ``--ratio NAME`` also reports
+NAME's ``nDCG@10(dim_low) / nDCG@10(dim_high)`` with a bootstrap interval (the Matryoshka retention ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedlab.data.readers import load_beir
+from embedlab.evaluation.compression import truncate
+from embedlab.evaluation.metrics import per_query_metrics
+from embedlab.evaluation.search import exact_search, search_to_run
+from embedlab.models import BiEncoder
+
+
+def per_query_ndcg(model_path: str, task, dims: list[int], batch_size: int) -> dict[int, np.ndarray]:
+    """``{dim: (Q,) nDCG@10 per test query}``, queries in qrels order."""
+    model = BiEncoder.from_pretrained(model_path).eval()
+    query_ids, corpus_ids = list(task.queries), list(task.corpus)
+    with torch.no_grad():
+        q = model.encode([task.queries[i] for i in query_ids], batch_size=batch_size, kind="query")
+        c = model.encode([task.corpus[i] for i in corpus_ids], batch_size=batch_size, kind="document")
+    out = {}
+    for dim in dims:
+        scores, indices = exact_search(truncate(q, dim), truncate(c, dim), top_k=10)
+        per_query = per_query_metrics(search_to_run(scores, indices, query_ids, corpus_ids), task.qrels, k_values=(10,))
+        out[dim] = np.array([m["ndcg@10"] for m in per_query.values()])
+    return out
+
+
+def paired_stats(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> dict[str, float]:
+    """Mean of ``a - b`` (points), its bootstrap 95 % interval and the sign-flip permutation p-value."""
+    diff = 100 * (a - b)  # (Q,) nDCG points
+    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+    boot = diff[idx].mean(axis=1)
+    signs = rng.choice([-1.0, 1.0], size=(resamples, len(diff)))
+    null = np.abs((signs * diff).mean(axis=1))
+    return {
+        "mean": diff.mean(), "lo": np.percentile(boot, 2.5), "hi": np.percentile(boot, 97.5),
+        "p": (1 + (null >= abs(diff.mean()) - 1e-12).sum()) / (1 + resamples),
+        "se": diff.std(ddof=1) / np.sqrt(len(diff)),
+    }
+
+
+def ratio_stats(low: np.ndarray, high: np.ndarray, resamples: int, rng: np.random.Generator) -> dict[str, float]:
+    idx = rng.integers(0, len(low), size=(resamples, len(low)))
+    boot = 100 * low[idx].mean(axis=1) / high[idx].mean(axis=1)
+    return {"ratio": 100 * low.mean() / high.mean(), "lo": np.percentile(boot, 2.5), "hi": np.percentile(boot, 97.5)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-root", default=os.environ.get("EMBEDLAB_DATA", "../shared/data"))
+    parser.add_argument("--dataset", default="scifact")
+    parser.add_argument("--pair", action="append", required=True, help="NAME_A=PATH_A,NAME_B=PATH_B (A minus B)")
+    parser.add_argument("--ratio", action="append", default=[], help="a model NAME whose dim_low/dim_high ratio to report")
+    parser.add_argument("--dims", default="384,64")
+    parser.add_argument("--resamples", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", default="benchmarks/results/paired_gap.md")
+    args = parser.parse_args()
+
+    dims = [int(d) for d in args.dims.split(",")]
+    pairs = []
+    for spec in args.pair:
+        (name_a, path_a), (name_b, path_b) = (side.split("=", 1) for side in spec.split(","))
+        pairs.append(((name_a, path_a), (name_b, path_b)))
+    paths = {name: path for pair in pairs for name, path in pair}
+    task = load_beir(Path(args.data_root) / args.dataset, split="test")
+    encoded: dict[str, dict[int, np.ndarray]] = {}
+    for name, path in paths.items():
+        print(f"encoding {name}: {path}", flush=True)
+        encoded[name] = per_query_ndcg(path, task, dims, args.batch_size)
+    rng = np.random.default_rng(args.seed)
+
+    lines = [
+        f"# Paired nDCG@10 gaps on {args.dataset} test ({len(task.queries)} queries)",
+        "",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, cpu",
+        "- command: `python benchmarks/paired_gap.py --data-root DATA " + " ".join(f"--pair {p}" for p in args.pair)
+        + "".join(f" --ratio {r}" for r in args.ratio) + f" --dims {args.dims} --resamples {args.resamples} --seed {args.seed}`",
+        "- gap = mean over queries of nDCG@10(A) − nDCG@10(B), in points; 95 % interval from a paired bootstrap over "
+        "queries; p from a two-sided paired sign-flip permutation test; se = standard error of the mean difference.",
+        "",
+        "| A | B | dim | A nDCG@10 | B nDCG@10 | gap (points) | 95 % interval | se | p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (name_a, _), (name_b, _) in pairs:
+        for dim in dims:
+            a, b = encoded[name_a][dim], encoded[name_b][dim]
+            s = paired_stats(a, b, args.resamples, rng)
+            lines.append(
+                f"| {name_a} | {name_b} | {dim} | {a.mean():.4f} | {b.mean():.4f} | {s['mean']:+.2f} | "
+                f"[{s['lo']:+.2f}, {s['hi']:+.2f}] | {s['se']:.2f} | {s['p']:.3f} |"
+            )
+    if args.ratio:
+        low, high = min(dims), max(dims)
+        lines += ["", f"| model | dim{low} / dim{high} | 95 % interval |", "|---|---|---|"]
+        for name in args.ratio:
+            r = ratio_stats(encoded[name][low], encoded[name][high], args.resamples, rng)
+            lines.append(f"| {name} | {r['ratio']:.1f} % | [{r['lo']:.1f}, {r['hi']:.1f}] % |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
