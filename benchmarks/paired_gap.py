@@ -80,8 +80,13 @@ def main() -> None:
     dims = [int(d) for d in args.dims.split(",")]
     pairs = []
     for spec in args.pair:
-        (name_a, path_a), (name_b, path_b) = (side.split("=", 1) for side in spec.split(","))
-        pairs.append(((name_a, path_a), (name_b, path_b)))
+        sides = [side.split("=", 1) for side in spec.split(",")]
+        if len(sides) != 2 or any(len(side) != 2 or not all(side) for side in sides):
+            parser.error(f"--pair {spec!r}: expected NAME_A=PATH_A,NAME_B=PATH_B")
+        pairs.append(tuple(tuple(side) for side in sides))
+    missing = [p for pair in pairs for _, p in pair if not Path(p).is_dir()]
+    if missing:
+        parser.error(f"model folder(s) not found: {', '.join(missing)}")
     paths = {name: path for pair in pairs for name, path in pair}
     task = load_beir(Path(args.data_root) / args.dataset, split="test")
     encoded: dict[str, dict[int, np.ndarray]] = {}
