@@ -24,6 +24,7 @@ import torch
 
 from embedlab.data.readers import load_beir
 from embedlab.evaluation.compression import truncate
+from embedlab.evaluation.evaluators import RetrievalEvaluator, encode_plan
 from embedlab.evaluation.metrics import per_query_metrics
 from embedlab.evaluation.search import exact_search, search_to_run
 from embedlab.models import BiEncoder
@@ -32,14 +33,14 @@ from embedlab.models import BiEncoder
 def per_query_ndcg(model_path: str, task, dims: list[int], batch_size: int) -> dict[int, np.ndarray]:
     """``{dim: (Q,) nDCG@10 per test query}``, queries in qrels order."""
     model = BiEncoder.from_pretrained(model_path).eval()
-    query_ids, corpus_ids = list(task.queries), list(task.corpus)
+    evaluator = RetrievalEvaluator(task)  # its encode plan and id order: the texts the training-time evaluation scores
     with torch.no_grad():
-        q = model.encode([task.queries[i] for i in query_ids], batch_size=batch_size, kind="query")
-        c = model.encode([task.corpus[i] for i in corpus_ids], batch_size=batch_size, kind="document")
+        emb = encode_plan(model, evaluator.encode_plan(), batch_size, show_progress_bar=True)
     out = {}
     for dim in dims:
-        scores, indices = exact_search(truncate(q, dim), truncate(c, dim), top_k=10)
-        per_query = per_query_metrics(search_to_run(scores, indices, query_ids, corpus_ids), task.qrels, k_values=(10,))
+        scores, indices = exact_search(truncate(emb["query"], dim), truncate(emb["document"], dim), top_k=10)
+        run = search_to_run(scores, indices, evaluator.query_ids, evaluator.corpus_ids)
+        per_query = per_query_metrics(run, task.qrels, k_values=(10,))
         out[dim] = np.array([m["ndcg@10"] for m in per_query.values()])
     return out
 
@@ -77,7 +78,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/paired_gap.md")
     args = parser.parse_args()
 
-    dims = [int(d) for d in args.dims.split(",")]
+    try:
+        dims = [int(d) for d in args.dims.split(",")]
+    except ValueError:
+        parser.error(f"--dims {args.dims!r}: expected comma-separated integers, e.g. 384,64")
     pairs = []
     for spec in args.pair:
         sides = [side.split("=", 1) for side in spec.split(",")]
@@ -88,6 +92,9 @@ def main() -> None:
     if missing:
         parser.error(f"model folder(s) not found: {', '.join(missing)}")
     paths = {name: path for pair in pairs for name, path in pair}
+    unknown = [name for name in args.ratio if name not in paths]
+    if unknown:
+        parser.error(f"--ratio {', '.join(unknown)}: not a model NAME of any --pair (known: {', '.join(paths)})")
     task = load_beir(Path(args.data_root) / args.dataset, split="test")
     encoded: dict[str, dict[int, np.ndarray]] = {}
     for name, path in paths.items():
