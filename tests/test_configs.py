@@ -21,7 +21,7 @@ def options(group: str) -> list[str]:
 
 def test_every_config_file_is_covered():
     """A new config group or file must be added to the tests below (this list is the contract)."""
-    covered = {"model", "pooling", "loss", "data", "trainer", "logger", "callbacks", "paths", "hydra", "debug", "experiment", "hparams_search", "launcher"}
+    covered = {"model", "pooling", "loss", "data", "trainer", "logger", "callbacks", "paths", "hydra", "debug", "experiment", "hparams_search", "launcher", "rotation"}
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     assert groups == covered
     assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} == {"train", "evaluate", "mine"}
@@ -159,6 +159,17 @@ def test_callback_configs(name, tmp_path, tiny_data_root):
     cfg = compose_config("train", ["model=tiny", f"callbacks={name}", f"data.root={tiny_data_root}"], tmp_path)
     callbacks = instantiate_list(cfg.get("callbacks"))
     assert len(callbacks) == len(cfg.get("callbacks") or {})
+
+
+@pytest.mark.parametrize("name", options("rotation"))
+def test_rotation_configs(name, tmp_path, tiny_data_root):
+    from embedlab.rotation import MatryoshkaRotation
+
+    cfg = compose_config("train", ["model=tiny", f"rotation={name}", f"data.root={tiny_data_root}"], tmp_path)
+    rotation = instantiate(cfg.rotation)
+    assert isinstance(rotation, MatryoshkaRotation)
+    assert rotation.dims == list(cfg.rotation.loss.dims) and rotation.encode_batch_size == cfg.eval.batch_size
+    assert compose_config("train", ["model=tiny", f"data.root={tiny_data_root}"], tmp_path).get("rotation") is None
 
 
 @pytest.mark.parametrize("name", options("experiment"))

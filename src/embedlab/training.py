@@ -99,6 +99,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    best_path = best
+    if cfg.get("rotation"):
+        # the rotation is fitted on the best weights, so restore them first and test the rotated model as is
+        if best:
+            module.load_state_dict(_load_state_dict(best))
+            best = None
+        metrics.update(_fit_rotation(cfg, module, datamodule, output_dir, trainer.is_global_zero))
     if cfg.get("test") and datamodule.test_source is not None:
         # ckpt_path="best" restores the best weights into `module`, so the model saved below is the best one
         trainer.test(module, datamodule=datamodule, ckpt_path=best if best else None, weights_only=False)
@@ -113,10 +120,35 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.info("saved model to %s", model_dir)
         write_metrics(metrics, output_dir)
         for lg in loggers:
-            lg.log_metrics({k: v for k, v in metrics.items() if k.startswith("test/")})
+            lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("test/", "rotation/"))})
     close_loggers(loggers)
-    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "model_dir": model_dir, "best_checkpoint": best}
+    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "model_dir": model_dir, "best_checkpoint": best_path}
     return metrics, objects
+
+
+def _fit_rotation(cfg: DictConfig, module, datamodule, output_dir: Path, write: bool) -> dict[str, float]:
+    """Fit ``cfg.rotation`` on the training examples, fold it into ``module.model``; ``rotation/...`` metrics.
+
+    Every rank fits the same rotation (same data, same seed), so DDP ranks stay identical without a broadcast.
+    """
+    from embedlab.rotation import apply_rotation
+
+    rotation = instantiate(cfg.rotation)
+    result = rotation.fit(module.model, datamodule.train_examples, datamodule.val_evaluator)
+    apply_rotation(module.model, result.rotation)
+    if write:
+        _write_history(result.history, output_dir / "rotation_history.csv")
+    return result.metrics()
+
+
+def _write_history(rows: list[dict[str, float]], path: Path) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _load_state_dict(path: str) -> dict:
