@@ -10,6 +10,11 @@ truncations of that one encoding (re-normalised, as the evaluation grid does).
 
 ``--pair`` may be repeated; a model folder shared by several pairs is encoded once. ``--ratio NAME`` also reports
 NAME's ``nDCG@10(dim_low) / nDCG@10(dim_high)`` with a bootstrap interval (the Matryoshka retention ratio).
+
+``--by-train-overlap`` repeats every row on two subsets of the test queries: ``seen`` (at least one relevant
+document is also relevant to a training query, in ``qrels/train.tsv``) and ``unseen`` (none is). On SciFact 181 of
+the 283 relevant test documents are also training positives, so a model can score on ``seen`` queries by
+remembering which documents were relevant in training; ``unseen`` shows what is left without that.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from embedlab.models import BiEncoder
 
 
 def per_query_ndcg(model_path: str, task, dims: list[int], batch_size: int) -> dict[int, np.ndarray]:
-    """``{dim: (Q,) nDCG@10 per test query}``, queries in qrels order."""
+    """``{dim: (Q,) nDCG@10 per test query}``, queries in qrels order (``task.qrels``)."""
     model = BiEncoder.from_pretrained(model_path).eval()
     evaluator = RetrievalEvaluator(task)  # its encode plan and id order: the texts the training-time evaluation scores
     with torch.no_grad():
@@ -41,8 +46,16 @@ def per_query_ndcg(model_path: str, task, dims: list[int], batch_size: int) -> d
         scores, indices = exact_search(truncate(emb["query"], dim), truncate(emb["document"], dim), top_k=10)
         run = search_to_run(scores, indices, evaluator.query_ids, evaluator.corpus_ids)
         per_query = per_query_metrics(run, task.qrels, k_values=(10,))
-        out[dim] = np.array([m["ndcg@10"] for m in per_query.values()])
+        out[dim] = np.array([per_query[q]["ndcg@10"] for q in task.qrels])
     return out
+
+
+def train_overlap_subsets(folder: Path, task) -> dict[str, np.ndarray]:
+    """``{"all", "seen", "unseen"}`` -> boolean masks over ``task.qrels``' queries (see the module docstring)."""
+    train = load_beir(folder, split="train")
+    train_positives = {d for judged in train.qrels.values() for d, rel in judged.items() if rel > 0}
+    seen = np.array([any(rel > 0 and d in train_positives for d, rel in task.qrels[q].items()) for q in task.qrels])
+    return {"all": np.ones_like(seen), "seen": seen, "unseen": ~seen}
 
 
 def paired_stats(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> dict[str, float]:
@@ -76,6 +89,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/paired_gap.md")
+    parser.add_argument("--by-train-overlap", action="store_true", help="also report the seen / unseen query subsets")
     args = parser.parse_args()
 
     try:
@@ -96,6 +110,9 @@ def main() -> None:
     if unknown:
         parser.error(f"--ratio {', '.join(unknown)}: not a model NAME of any --pair (known: {', '.join(paths)})")
     task = load_beir(Path(args.data_root) / args.dataset, split="test")
+    subsets = {"all": np.ones(len(task.qrels), dtype=bool)}
+    if args.by_train_overlap:
+        subsets = train_overlap_subsets(Path(args.data_root) / args.dataset, task)
     encoded: dict[str, dict[int, np.ndarray]] = {}
     for name, path in paths.items():
         print(f"encoding {name}: {path}", flush=True)
@@ -107,27 +124,30 @@ def main() -> None:
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, cpu",
         "- command: `python benchmarks/paired_gap.py --data-root DATA " + " ".join(f"--pair {p}" for p in args.pair)
-        + "".join(f" --ratio {r}" for r in args.ratio) + f" --dims {args.dims} --resamples {args.resamples} --seed {args.seed}`",
+        + "".join(f" --ratio {r}" for r in args.ratio) + f" --dims {args.dims} --resamples {args.resamples} --seed {args.seed}"
+        + (" --by-train-overlap" if args.by_train_overlap else "") + "`",
         "- gap = mean over queries of nDCG@10(A) − nDCG@10(B), in points; 95 % interval from a paired bootstrap over "
         "queries; p from a two-sided paired sign-flip permutation test; se = standard error of the mean difference.",
         "",
-        "| A | B | dim | A nDCG@10 | B nDCG@10 | gap (points) | 95 % interval | se | p |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| A | B | queries | dim | A nDCG@10 | B nDCG@10 | gap (points) | 95 % interval | se | p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (name_a, _), (name_b, _) in pairs:
-        for dim in dims:
-            a, b = encoded[name_a][dim], encoded[name_b][dim]
-            s = paired_stats(a, b, args.resamples, rng)
-            lines.append(
-                f"| {name_a} | {name_b} | {dim} | {a.mean():.4f} | {b.mean():.4f} | {s['mean']:+.2f} | "
-                f"[{s['lo']:+.2f}, {s['hi']:+.2f}] | {s['se']:.2f} | {s['p']:.3f} |"
-            )
+        for subset, mask in subsets.items():
+            for dim in dims:
+                a, b = encoded[name_a][dim][mask], encoded[name_b][dim][mask]
+                s = paired_stats(a, b, args.resamples, rng)
+                lines.append(
+                    f"| {name_a} | {name_b} | {subset} ({mask.sum()}) | {dim} | {a.mean():.4f} | {b.mean():.4f} | {s['mean']:+.2f} | "
+                    f"[{s['lo']:+.2f}, {s['hi']:+.2f}] | {s['se']:.2f} | {s['p']:.3f} |"
+                )
     if args.ratio:
         low, high = min(dims), max(dims)
-        lines += ["", f"| model | dim{low} / dim{high} | 95 % interval |", "|---|---|---|"]
+        lines += ["", f"| model | queries | dim{low} / dim{high} | 95 % interval |", "|---|---|---|---|"]
         for name in args.ratio:
-            r = ratio_stats(encoded[name][low], encoded[name][high], args.resamples, rng)
-            lines.append(f"| {name} | {r['ratio']:.1f} % | [{r['lo']:.1f}, {r['hi']:.1f}] % |")
+            for subset, mask in subsets.items():
+                r = ratio_stats(encoded[name][low][mask], encoded[name][high][mask], args.resamples, rng)
+                lines.append(f"| {name} | {subset} ({mask.sum()}) | {r['ratio']:.1f} % | [{r['lo']:.1f}, {r['hi']:.1f}] % |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
