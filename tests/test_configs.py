@@ -178,6 +178,8 @@ def test_experiment_configs(name, tmp_path, tiny_data_root):
     instantiate(cfg.loss)
     instantiate(cfg.data).setup("fit")
     assert cfg.task_name == name
+    if name == "rotation_scifact":
+        assert cfg.rotation.loss.dims == cfg.eval.dims and cfg.model.projection_dim == 384
 
 
 @pytest.mark.parametrize("name", options("hparams_search") + options("launcher"))
