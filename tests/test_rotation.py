@@ -153,6 +153,9 @@ def test_errors():
     sts = STSEvaluator(STSTask(["a"], ["b"], [1.0]))
     with pytest.raises(ValueError, match=r"rotation selects its epoch by retrieval nDCG@10; the validation set is STSEvaluator"):
         MatryoshkaRotation(_loss()).fit(model, EXAMPLES, sts)
+    no_ten = RetrievalEvaluator(TASK, k_values=(1, 5))
+    with pytest.raises(ValueError, match=r"rotation selects its epoch by validation nDCG@10: eval.k_values must include 10, got \[1, 5\]"):
+        MatryoshkaRotation(_loss()).fit(model, EXAMPLES, no_ten)
     with pytest.raises(ValueError, match=r"rotation of shape \(8, 8\) does not match the model's 32-d embeddings"):
         apply_rotation(model, torch.eye(8))
     model.dense = Dense(32, 32, activation_function="torch.nn.modules.activation.Tanh")

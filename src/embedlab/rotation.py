@@ -33,10 +33,8 @@ from embedlab.data.collate import collate_examples
 from embedlab.data.records import Example
 from embedlab.evaluation.compression import fit_pca, truncate
 from embedlab.evaluation.evaluators import RetrievalEvaluator, encode_plan
-from embedlab.evaluation.metrics import retrieval_metrics
-from embedlab.evaluation.search import exact_search, search_to_run
 from embedlab.losses.base import EmbeddedBatch
-from embedlab.models.dense import Dense
+from embedlab.models.dense import IDENTITY, Dense
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +126,10 @@ class MatryoshkaRotation:
                 f"rotation selects its epoch by retrieval nDCG@10; the validation set is {type(val_evaluator).__name__}: "
                 "use a retrieval (BEIR) validation set, or none"
             )
+        if val_evaluator is not None and 10 not in val_evaluator.k_values:
+            raise ValueError(
+                f"rotation selects its epoch by validation nDCG@10: eval.k_values must include 10, got {list(val_evaluator.k_values)}"
+            )
         too_big = [d for d in self.dims if d > model.embedding_dim]
         if too_big:
             raise ValueError(f"rotation: matryoshka dims {too_big} exceed the model's embedding size {model.embedding_dim}")
@@ -171,19 +173,9 @@ class MatryoshkaRotation:
             for begin in range(0, len(order), self.batch_size):
                 chunk = [examples[i] for i in order[begin : begin + self.batch_size]]
                 batch = collate_examples(chunk)
-                n = batch["num_negatives"]
                 q = rotation(q_emb[[q_row[t] for t in batch["query"]]])  # (B, D)
                 docs = rotation(d_emb[[d_row[t] for t in batch["positive"] + (batch["negatives"] or [])]])  # (B + B*n, D)
-                b = len(chunk)
-                embedded = EmbeddedBatch(
-                    query=q,
-                    positive=docs[:b],
-                    negatives=docs[b:].view(b, n, dim) if n else None,
-                    query_ids=batch["query_ids"],
-                    positive_ids=batch["positive_ids"],
-                    negative_ids=batch["negative_ids"],
-                    extras={"normalized": normalized, "known_positive_ids": batch["known_positive_ids"]},
-                )
+                embedded = EmbeddedBatch.from_collated(batch, q, docs, normalized)
                 loss = self.loss(embedded)["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -202,18 +194,10 @@ class MatryoshkaRotation:
         if val is None or evaluator is None:
             return {}
         queries, documents = val["query"].float().cpu() @ weight.T, val["document"].float().cpu() @ weight.T
-        top_k = 10 + (1 if evaluator.ignore_identical_ids else 0)  # as RetrievalEvaluator.compute
-        out = {}
-        for d in self.dims:
-            scores, indices = exact_search(
-                truncate(queries, d), truncate(documents, d), top_k=top_k, score_function=evaluator.score_function
-            )
-            run = search_to_run(scores, indices, evaluator.query_ids, evaluator.corpus_ids)
-            metrics = retrieval_metrics(
-                run, evaluator.task.qrels, k_values=(10,), prefix="", ignore_identical_ids=evaluator.ignore_identical_ids
-            )
-            out[f"val/ndcg@10@dim{d}"] = metrics["ndcg@10"]
-        return out
+        return {
+            f"val/ndcg@10@dim{d}": evaluator.search_metrics(truncate(queries, d), truncate(documents, d), prefix="")["ndcg@10"]
+            for d in self.dims
+        }
 
     def _score(self, row: dict[str, float]) -> float:
         values = [row[f"val/ndcg@10@dim{d}"] for d in self.dims if f"val/ndcg@10@dim{d}" in row]
@@ -235,7 +219,7 @@ def apply_rotation(model, rotation: torch.Tensor) -> None:
     if rotation.shape != (dim, dim):
         raise ValueError(f"rotation of shape {tuple(rotation.shape)} does not match the model's {dim}-d embeddings")
     dense = getattr(model, "dense", None)
-    if dense is not None and dense.activation_name != "torch.nn.modules.linear.Identity":
+    if dense is not None and dense.activation_name != IDENTITY:
         raise ValueError(
             f"cannot fold a rotation into a projection followed by {dense.activation_name}: "
             "only a linear (Identity-activated) projection commutes with it"

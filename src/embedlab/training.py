@@ -99,19 +99,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    best_path = best
+    restore = best  # the checkpoint still to load into `module` before testing and saving
     if cfg.get("rotation"):
         # the rotation is fitted on the best weights, so restore them first and test the rotated model as is
-        if best:
-            module.load_state_dict(_load_state_dict(best))
-            best = None
+        if restore:
+            module.load_state_dict(_load_state_dict(restore))
+            restore = None
         metrics.update(_fit_rotation(cfg, module, datamodule, output_dir, trainer.is_global_zero))
     if cfg.get("test") and datamodule.test_source is not None:
         # ckpt_path="best" restores the best weights into `module`, so the model saved below is the best one
-        trainer.test(module, datamodule=datamodule, ckpt_path=best if best else None, weights_only=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=restore, weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    elif best:
-        module.load_state_dict(_load_state_dict(best))
+    elif restore:
+        module.load_state_dict(_load_state_dict(restore))
 
     model_dir = None
     if trainer.is_global_zero:
@@ -122,7 +122,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("test/", "rotation/"))})
     close_loggers(loggers)
-    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "model_dir": model_dir, "best_checkpoint": best_path}
+    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "model_dir": model_dir, "best_checkpoint": best}
     return metrics, objects
 
 

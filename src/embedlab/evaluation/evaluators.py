@@ -88,24 +88,34 @@ class RetrievalEvaluator:
 
     def compute(self, embeddings: dict[str, torch.Tensor], prefix: str = "test/") -> dict[str, float]:
         start = time.perf_counter()
-        # one extra candidate so dropping a query's own id still leaves top_k documents
-        k = self.top_k + (1 if self.ignore_identical_ids else 0)
+        metrics = self.search_metrics(embeddings["query"], embeddings["document"], prefix)
+        metrics[f"{prefix}search_seconds"] = time.perf_counter() - start
+        self.last_grid = []
+        if self.grid.enabled:
+            self.last_grid = self.grid.run(
+                embeddings["query"], embeddings["document"], self.search_top_k, lambda s, i: self._score(s, i, "")
+            )
+            for cell in self.last_grid:
+                metrics.update(cell.flat(prefix))
+        return metrics
+
+    @property
+    def search_top_k(self) -> int:
+        """Documents retrieved per query: one extra so dropping a query's own id still leaves ``top_k``."""
+        return self.top_k + (1 if self.ignore_identical_ids else 0)
+
+    def search_metrics(self, query: torch.Tensor, document: torch.Tensor, prefix: str = "test/") -> dict[str, float]:
+        """Exact search of ``document`` ``(N, D)`` (the corpus, in ``corpus_ids`` order) for every row of ``query``
+        ``(Q, D)`` (``query_ids`` order) and the metrics of the run; no grid, no timing."""
         scores, indices = exact_search(
-            embeddings["query"],
-            embeddings["document"],
-            top_k=k,
+            query,
+            document,
+            top_k=self.search_top_k,
             score_function=self.score_function,
             query_chunk_size=self.query_chunk_size,
             corpus_chunk_size=self.corpus_chunk_size,
         )
-        metrics = self._score(scores, indices, prefix)
-        metrics[f"{prefix}search_seconds"] = time.perf_counter() - start
-        self.last_grid = []
-        if self.grid.enabled:
-            self.last_grid = self.grid.run(embeddings["query"], embeddings["document"], k, lambda s, i: self._score(s, i, ""))
-            for cell in self.last_grid:
-                metrics.update(cell.flat(prefix))
-        return metrics
+        return self._score(scores, indices, prefix)
 
     def _score(self, scores: torch.Tensor, indices: torch.Tensor, prefix: str) -> dict[str, float]:
         run = search_to_run(scores, indices, self.query_ids, self.corpus_ids)

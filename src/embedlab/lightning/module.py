@@ -126,24 +126,7 @@ class BiEncoderModule(L.LightningModule):
 
     def assemble(self, batch: dict, query: torch.Tensor, docs: torch.Tensor) -> EmbeddedBatch:
         """Query (B, D) and document (B + B*n, D) embeddings of ``batch`` -> the loss's :class:`EmbeddedBatch`."""
-        b = len(batch["query"])
-        n = batch["num_negatives"]
-        negatives = docs[b:].view(b, n, -1) if n else None  # (B, n, D)
-        scores = batch["scores"].to(self.device) if batch["scores"] is not None else None
-        return EmbeddedBatch(
-            query=query,
-            positive=docs[:b],
-            negatives=negatives,
-            scores=scores,
-            query_ids=batch["query_ids"],
-            positive_ids=batch["positive_ids"],
-            negative_ids=batch["negative_ids"],
-            extras={
-                "normalized": self.model.normalize is not None,
-                "dataset": batch.get("dataset"),
-                "known_positive_ids": batch.get("known_positive_ids"),
-            },
-        )
+        return EmbeddedBatch.from_collated(batch, query, docs, normalized=self.model.normalize is not None)
 
     def embed_batch(self, batch: dict) -> EmbeddedBatch:
         """Embed a collated training batch (queries with query settings, candidates with document settings)."""

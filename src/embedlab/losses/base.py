@@ -35,6 +35,28 @@ class EmbeddedBatch:
     negative_ids: list | None = None
     extras: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_collated(cls, batch: dict, query: torch.Tensor, docs: torch.Tensor, normalized: bool) -> "EmbeddedBatch":
+        """A collated training batch (:func:`embedlab.data.collate.collate_examples`) with its query ``(B, D)`` and
+        document ``(B + B*n, D)`` embeddings (positives, then each example's ``n`` negatives in order);
+        ``normalized``: the embeddings come L2-normalized from the model (Matryoshka re-normalizes its slices)."""
+        b = len(batch["query"])
+        n = batch["num_negatives"]
+        return cls(
+            query=query,
+            positive=docs[:b],
+            negatives=docs[b:].view(b, n, -1) if n else None,  # (B, n, D)
+            scores=batch["scores"].to(query.device) if batch["scores"] is not None else None,
+            query_ids=batch["query_ids"],
+            positive_ids=batch["positive_ids"],
+            negative_ids=batch["negative_ids"],
+            extras={
+                "normalized": normalized,
+                "dataset": batch.get("dataset"),
+                "known_positive_ids": batch.get("known_positive_ids"),
+            },
+        )
+
     def map_embeddings(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "EmbeddedBatch":
         """The same batch with ``fn`` applied to every embedding tensor (e.g. Matryoshka truncation)."""
         return replace(
