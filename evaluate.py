@@ -1,14 +1,15 @@
 """Evaluate a bi-encoder on retrieval (BEIR) or STS data: `python evaluate.py [overrides]` (see README)."""
 
-import hydra
 from omegaconf import DictConfig
 
-import embedlab  # noqa: F401  (registers the config resolvers)
-from embedlab.evaluating import evaluate
+from embedlab.cli import hydra_main
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+@hydra_main(config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    # imported here so that `--help` and config errors answer before torch and Lightning load
+    from embedlab.evaluating import evaluate
+
     evaluate(cfg)
 
 

@@ -1,14 +1,15 @@
 """Mine hard negatives for a BEIR training split: `python mine.py [overrides]` (see README "Hard-negative mining")."""
 
-import hydra
 from omegaconf import DictConfig
 
-import embedlab  # noqa: F401  (registers the config resolvers)
-from embedlab.mining import mine
+from embedlab.cli import hydra_main
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="mine")
+@hydra_main(config_name="mine")
 def main(cfg: DictConfig) -> None:
+    # imported here so that `--help` and config errors answer before torch and Lightning load
+    from embedlab.mining import mine
+
     mine(cfg)
 
 

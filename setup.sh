@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$PY" -m pip install "torch>=2.2"
+    "$PY" -m pip install "torch>=2.5"
   else
     "$PY" -m pip install "torch==2.13.0"
   fi

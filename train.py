@@ -1,17 +1,19 @@
 """Train a bi-encoder: `python train.py [overrides]` (see README)."""
 
-import hydra
 from omegaconf import DictConfig
 
-import embedlab  # noqa: F401  (registers the config resolvers)
-from embedlab.training import train
+from embedlab.cli import hydra_main
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@hydra_main(config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # imported here so that `--help` and config errors answer before torch and Lightning load
+    from embedlab.training import train
+
     metrics, _ = train(cfg)
-    # returned for Hydra sweepers (hparams_search): the metric they optimize
-    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    # for Hydra sweepers (hparams_search): the optimized metric, which train() reports at its best
+    # validation value (the checkpoint it selected), not the last one
+    return metrics.get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":
