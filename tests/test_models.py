@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from embedlab.errors import UserError
 from embedlab.models import BiEncoder, ModelLoadError, Normalize, Pooling, tiny_bi_encoder
 from embedlab.resolvers import package_model_path
+from tests.conftest import compose_config
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
@@ -204,7 +204,7 @@ def test_saved_model_loads_in_sentence_transformers_and_back(tmp_path, mode, nor
         seed=1, pooling=mode, normalize=normalize, query_max_seq_length=24, document_max_seq_length=40,
         query_prompt="query: ", document_prompt="passage: ",
     )
-    m.save(tmp_path)
+    tmp_path = m.save(tmp_path / "model")
     docs, queries = m.encode(TEXTS, "document"), m.encode(TEXTS, "query")
 
     st = SentenceTransformer(str(tmp_path), device="cpu")
@@ -228,20 +228,153 @@ def test_saved_model_loads_in_sentence_transformers_and_back(tmp_path, mode, nor
 
 def test_from_pretrained_reads_plain_sentence_transformers_config(tmp_path):
     """Without embedlab_config.json the settings come from the sentence-transformers files: pooling flags,
-    the Normalize module, sentence_bert_config max_seq_length (both sides) and the saved prompts."""
-    m = tiny_bi_encoder(seed=2, pooling="max", normalize=False, document_max_seq_length=20, query_prompt="q: ")
-    m.save(tmp_path)
-    (tmp_path / "embedlab_config.json").unlink()
-    back = BiEncoder.from_pretrained(str(tmp_path))
+    the Normalize module, sentence_bert_config's query_length / document_length, the saved prompts."""
+    m = tiny_bi_encoder(seed=2, pooling="max", normalize=False, query_max_seq_length=9, document_max_seq_length=20, query_prompt="q: ")
+    folder = m.save(tmp_path / "model")
+    (folder / "embedlab_config.json").unlink()
+    back = BiEncoder.from_pretrained(str(folder))
     assert back.pooling.mode == "max" and back.normalize is None
-    assert back.max_seq_length == {"query": 20, "document": 20}
+    assert back.max_seq_length == {"query": 9, "document": 20}
     assert back.prompts == {"query": "q: ", "document": ""}
-    # the folder keeps one length (the document one): queries now truncate at 20 like "q: " + text as a document
-    torch.testing.assert_close(back.encode(TEXTS, "query"), m.encode(["q: " + t for t in TEXTS]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(back.encode(TEXTS, "query"), m.encode(TEXTS, "query"), rtol=0, atol=1e-5)
     # explicit arguments override what the folder says
-    over = BiEncoder.from_pretrained(str(tmp_path), pooling="cls", normalize=True, query_max_seq_length=8, query_prompt="")
+    over = BiEncoder.from_pretrained(str(folder), pooling="cls", normalize=True, query_max_seq_length=8, query_prompt="")
     assert over.pooling.mode == "cls" and over.normalize is not None
     assert over.max_seq_length == {"query": 8, "document": 20} and over.prompts["query"] == ""
+
+
+def _lengths(folder, **kwargs) -> dict[str, int]:
+    return BiEncoder.from_pretrained(str(folder), fast_cpu_dropout=False, **kwargs).max_seq_length
+
+
+def test_length_precedence(tmp_path):
+    """explicit per-side > explicit max_seq_length > the folder's per-side > the folder's max_seq_length > 256."""
+    folder = tiny_bi_encoder(seed=0, query_max_seq_length=24, document_max_seq_length=40).save(tmp_path / "model")
+    assert _lengths(folder) == {"query": 24, "document": 40}
+    assert _lengths(folder, max_seq_length=16) == {"query": 16, "document": 16}
+    assert _lengths(folder, max_seq_length=16, query_max_seq_length=8) == {"query": 8, "document": 16}
+    assert _lengths(folder, document_max_seq_length=30) == {"query": 24, "document": 30}
+    # a folder that records one length (sentence_bert_config's max_seq_length only)
+    single = tiny_bi_encoder(seed=0, max_seq_length=48).save(tmp_path / "single")
+    (single / "embedlab_config.json").unlink()
+    assert json.loads((single / "sentence_bert_config.json").read_text()) == {"max_seq_length": 48, "do_lower_case": False}
+    assert _lengths(single) == {"query": 48, "document": 48}
+    assert _lengths(single, query_max_seq_length=12) == {"query": 12, "document": 48}
+    # a plain Hugging Face folder (no sentence-transformers files): 256
+    plain = tmp_path / "plain"
+    tiny_bi_encoder(seed=0).transformer.backbone.save_pretrained(plain)
+    tiny_bi_encoder(seed=0).transformer.tokenizer.save_pretrained(plain)
+    assert _lengths(plain) == {"query": 256, "document": 256}
+    with pytest.raises(ModelLoadError, match=r"query_max_seq_length must be a positive integer, got 0"):
+        _lengths(folder, query_max_seq_length=0)
+
+
+def test_different_lengths_in_sentence_transformers(tmp_path):
+    """sentence-transformers 6 keeps both lengths: encode_query / encode_document == embedlab exactly, for
+    queries longer than the query length too. encode() without a task truncates at the document length
+    (max_seq_length): short queries embed identically, long ones as with query length = document length."""
+    m = tiny_bi_encoder(seed=1, query_max_seq_length=6, document_max_seq_length=40, query_prompt="query: ", document_prompt="passage: ")
+    folder = m.save(tmp_path / "model")
+    st = SentenceTransformer(str(folder), device="cpu")
+    assert st.max_seq_length == 40
+    queries, docs = m.encode(TEXTS, "query"), m.encode(TEXTS, "document")
+    long = [len(ids) > 6 for ids in m.transformer.tokenizer(["query: " + t for t in TEXTS])["input_ids"]]  # untruncated
+    assert any(long) and not all(long)
+    torch.testing.assert_close(st.encode_query(TEXTS, convert_to_tensor=True).cpu(), queries, rtol=0, atol=1e-5)
+    torch.testing.assert_close(st.encode_document(TEXTS, convert_to_tensor=True).cpu(), docs, rtol=0, atol=1e-5)
+    no_task = st.encode(TEXTS, prompt_name="query", convert_to_tensor=True).cpu()
+    same_lengths = tiny_bi_encoder(seed=1, max_seq_length=40, query_prompt="query: ").encode(TEXTS, "query")
+    torch.testing.assert_close(no_task, same_lengths, rtol=0, atol=1e-5)
+    for i, is_long in enumerate(long):
+        assert bool((no_task[i] - queries[i]).abs().max() > 1e-3) is is_long
+
+
+def test_similarity_is_saved_and_read(tmp_path):
+    """similarity=dot is saved as similarity_fn_name "dot" (sentence-transformers uses it) and read back;
+    "auto" (None) reads the folder, cos when it says nothing; an explicit value wins."""
+    folder = tiny_bi_encoder(seed=0, similarity="dot").save(tmp_path / "dot")
+    assert json.loads((folder / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == "dot"
+    assert SentenceTransformer(str(folder), device="cpu").similarity_fn_name == "dot"
+    assert BiEncoder.from_pretrained(str(folder)).similarity == "dot"
+    assert BiEncoder.from_pretrained(str(folder), similarity="cos").similarity == "cos"
+    cos_folder = tiny_bi_encoder(seed=0).save(tmp_path / "cos")
+    assert json.loads((cos_folder / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == "cosine"
+    assert BiEncoder.from_pretrained(str(cos_folder)).similarity == "cos"
+    with pytest.raises(ModelLoadError, match=r"similarity must be one of cos, dot, got 'cosine'"):
+        tiny_bi_encoder(seed=0, similarity="cosine")
+    st_cfg = folder / "config_sentence_transformers.json"
+    st_cfg.write_text(json.dumps({**json.loads(st_cfg.read_text()), "similarity_fn_name": "euclidean"}))
+    with pytest.raises(ModelLoadError, match=rf"model '{re.escape(str(folder))}': similarity_fn_name 'euclidean' is not supported"):
+        BiEncoder.from_pretrained(str(folder))
+    assert BiEncoder.from_pretrained(str(folder), similarity="dot").similarity == "dot"
+
+
+def test_config_rebuilds_the_model(tmp_path):
+    """BiEncoder.config: a JSON-plain dict from which hydra's instantiate rebuilds the same model (same
+    settings, same embeddings), for from_pretrained and tiny_bi_encoder models."""
+    from hydra.utils import instantiate
+
+    folder = tiny_bi_encoder(seed=3, pooling="cls", projection_dim=16, document_max_seq_length=30).save(tmp_path / "model")
+    loaded = BiEncoder.from_pretrained(str(folder), query_max_seq_length=10, query_prompt="q: ", similarity="dot", fast_cpu_dropout=False)
+    tiny = tiny_bi_encoder(seed=4, pooling="max", normalize=False, query_max_seq_length=7)
+    for model in (loaded, tiny):
+        config = model.config
+        assert json.loads(json.dumps(config)) == config and "${" not in json.dumps(config)
+        rebuilt = instantiate(config)
+        assert rebuilt.config == config
+        for kind in ("query", "document"):
+            torch.testing.assert_close(rebuilt.encode(TEXTS, kind), model.encode(TEXTS, kind), rtol=0, atol=0)
+    assert loaded.config["_target_"] == "embedlab.models.BiEncoder.from_pretrained" and loaded.config["path"] == str(folder)
+    assert BiEncoder(tiny.transformer).config is None  # built by hand: nothing records the backbone's origin
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that fails half-way (the tokenizer's save raises, after the weights were written) leaves the
+    previously saved folder as it was and no partial folder next to it."""
+    folder = tmp_path / "model"
+    old = tiny_bi_encoder(seed=0)
+    old.save(folder)
+    files = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    new = tiny_bi_encoder(seed=1)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(new.transformer.tokenizer, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(folder)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    torch.testing.assert_close(BiEncoder.from_pretrained(str(folder)).encode(TEXTS), old.encode(TEXTS), rtol=0, atol=1e-5)
+
+
+def test_pooling_object_and_pooling_config_group(tmp_path, tiny_data_root):
+    """from_pretrained takes a Pooling object; pooling=<mode> instantiates one (embeddings as a model built
+    with that mode), pooling=auto keeps the folder's pooling."""
+    folder = tiny_bi_encoder(seed=0, pooling="max").save(tmp_path / "model")
+    reference = tiny_bi_encoder(seed=0, pooling="cls").encode(TEXTS)
+    torch.testing.assert_close(BiEncoder.from_pretrained(str(folder), pooling=Pooling("cls")).encode(TEXTS), reference, rtol=0, atol=1e-5)
+    from hydra.utils import instantiate
+
+    for pooling, mode in (("cls", "cls"), ("auto", "max")):
+        cfg = compose_config("train", ["model=hf", f"model.path={folder}", f"pooling={pooling}", f"data.root={tiny_data_root}"], tmp_path / pooling)
+        model = instantiate(cfg.model)
+        assert model.pooling.mode == mode
+    torch.testing.assert_close(model.encode(TEXTS), tiny_bi_encoder(seed=0, pooling="max").encode(TEXTS), rtol=0, atol=1e-5)
+
+
+def test_torch_dtype_bfloat16(tmp_path):
+    """torch_dtype=bfloat16: a bf16 backbone; encode() still returns float32 close to the fp32 model's."""
+    model = tiny_bi_encoder(seed=0)
+    folder = model.save(tmp_path / "model")
+    half = BiEncoder.from_pretrained(str(folder), torch_dtype="bfloat16")
+    assert {p.dtype for p in half.transformer.backbone.parameters()} == {torch.bfloat16}
+    got, expected = half.encode(TEXTS), model.encode(TEXTS)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=3e-2)
+    assert (got - expected).abs().max() > 0  # computed in bf16, not silently in fp32
+    with pytest.raises(ModelLoadError, match=r"torch_dtype must be one of float32, float16, bfloat16, got 'bf16'"):
+        BiEncoder.from_pretrained(str(folder), torch_dtype="bf16")
 
 
 def test_real_minilm_matches_sentence_transformers():
@@ -270,8 +403,9 @@ def test_real_minilm_matches_sentence_transformers():
 
 # ---------------------------------------------------------------------------------------- bad paths
 def test_missing_local_path_error(tmp_path):
+    """A user error: entry points catch UserError and print the message as one line."""
     missing = tmp_path / "no_such_model"
-    with pytest.raises(ModelLoadError, match=rf"model path '{re.escape(str(missing))}' does not exist"):
+    with pytest.raises(UserError, match=rf"model path '{re.escape(str(missing))}' does not exist"):
         BiEncoder.from_pretrained(str(missing))
 
 
@@ -287,10 +421,6 @@ def test_missing_checkpoint_error(tmp_path):
     ckpt = tmp_path / "epoch=0.ckpt"
     with pytest.raises(ModelLoadError, match=rf"checkpoint '{re.escape(str(ckpt))}' does not exist"):
         BiEncoder.from_pretrained(str(ckpt))
-
-
-def test_model_load_error_is_a_value_error():
-    assert issubclass(ModelLoadError, ValueError)
 
 
 # ---------------------------------------------------------------------------------------- Dense projection
@@ -310,7 +440,7 @@ def test_dense_projection_saves_as_sentence_transformers_dense(tmp_path, out_fea
         expected = torch.nn.functional.normalize(expected, dim=1)
     torch.testing.assert_close(docs, expected, rtol=0, atol=1e-5)
 
-    m.save(tmp_path)
+    tmp_path = m.save(tmp_path / "model")
     modules = [x["type"].rsplit(".", 1)[1] for x in json.loads((tmp_path / "modules.json").read_text())]
     assert modules == ["Transformer", "Pooling", "Dense"] + (["Normalize"] if normalize else [])
     st = SentenceTransformer(str(tmp_path), device="cpu")
@@ -326,9 +456,9 @@ def test_dense_projection_saves_as_sentence_transformers_dense(tmp_path, out_fea
 
 def test_new_projection_starts_as_identity(tmp_path):
     """projection_dim on a folder without Dense adds an identity layer: a square one changes nothing."""
-    tiny_bi_encoder(seed=4).save(tmp_path)
-    plain = BiEncoder.from_pretrained(str(tmp_path))
-    projected = BiEncoder.from_pretrained(str(tmp_path), projection_dim=32)
+    folder = tiny_bi_encoder(seed=4).save(tmp_path / "model")
+    plain = BiEncoder.from_pretrained(str(folder))
+    projected = BiEncoder.from_pretrained(str(folder), projection_dim=32)
     assert plain.dense is None and projected.dense is not None
     torch.testing.assert_close(projected.encode(TEXTS), plain.encode(TEXTS), rtol=0, atol=0)
 

@@ -1,8 +1,20 @@
-"""Plain ``nn.Module`` model components: backbone, pooling, normalization, bi-encoder."""
+"""Plain ``nn.Module`` model components: backbone, pooling, normalization, bi-encoder; checkpoint loading."""
 
 from embedlab.models import cpu_dropout
-from embedlab.models.bi_encoder import BiEncoder, ModelLoadError, Normalize, Transformer, load_checkpoint
+from embedlab.models.bi_encoder import BiEncoder, Normalize, Transformer
+from embedlab.models.checkpoint import load_checkpoint, safe_load
+from embedlab.models.errors import ModelLoadError
 from embedlab.models.pooling import Pooling
 from embedlab.models.tiny import tiny_bi_encoder
 
-__all__ = ["BiEncoder", "cpu_dropout", "ModelLoadError", "Normalize", "Pooling", "Transformer", "load_checkpoint", "tiny_bi_encoder"]
+__all__ = [
+    "BiEncoder",
+    "cpu_dropout",
+    "ModelLoadError",
+    "Normalize",
+    "Pooling",
+    "Transformer",
+    "load_checkpoint",
+    "safe_load",
+    "tiny_bi_encoder",
+]

