@@ -100,14 +100,14 @@ def main() -> None:
         "",
         f"single evaluation nDCG@10 = {base['test/ndcg@10']:.4f}; grid cell dim{full} float32 = {metrics[f'test/ndcg@10@dim{full}']:.4f}",
         "",
-        "| space | precision | bytes/vector | search s | nDCG@10 | % of float32 same dim | % of dim" + str(full) + " float32 |",
+        "| space | precision | bytes/vector (index + rescore) | search s | nDCG@10 | % of float32 same dim | % of dim" + str(full) + " float32 |",
         "|---|---|---|---|---|---|---|",
     ]
     ref_full = metrics[f"test/ndcg@10@dim{full}"]
     for c in cells:
         ref = metrics[f"test/ndcg@10@{c.space}"]
         lines.append(
-            f"| {c.space} | {c.precision} | {c.bytes_per_vector} | {c.search_seconds:.3f} | {c.metrics['ndcg@10']:.4f} | "
+            f"| {c.space} | {c.precision} | {c.bytes_per_vector} ({c.index_bytes} + {c.rescore_bytes}) | {c.search_seconds:.3f} | {c.metrics['ndcg@10']:.4f} | "
             f"{100 * c.metrics['ndcg@10'] / ref:.1f} | {100 * c.metrics['ndcg@10'] / ref_full:.1f} |"
         )
     lines += ["", f"plot: `{files['png'].name}`, table: `{files['csv'].name}`", ""]

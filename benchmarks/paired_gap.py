@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from embedlab.data.readers import load_beir
-from embedlab.evaluation.compression import truncate
+from embedlab.evaluation.reduction import truncate
 from embedlab.evaluation.evaluators import RetrievalEvaluator, encode_plan
 from embedlab.evaluation.metrics import per_query_metrics
 from embedlab.evaluation.search import exact_search, search_to_run

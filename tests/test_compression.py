@@ -1,4 +1,5 @@
-"""embedlab.evaluation.compression against naive numpy / full-matrix implementations on seeded random data."""
+"""Compression (quantize, quantized_search, reduction, storage) against naive numpy / full-matrix implementations
+on seeded random data."""
 
 from __future__ import annotations
 
@@ -11,19 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from embedlab.evaluation import compression as C
-from embedlab.evaluation.compression import (
-    PRECISIONS,
-    ScalarQuantizer,
-    binary_quantize,
-    binary_rescore_search,
-    bytes_per_vector,
-    fit_pca,
-    fit_scalar_quantizer,
-    hamming_search,
-    scalar_search,
-    truncate,
-)
+from embedlab.evaluation import quantized_search as QS
+from embedlab.evaluation import search as S
+from embedlab.evaluation.quantize import ScalarQuantizer, binary_quantize, fit_scalar_quantizer
+from embedlab.evaluation.quantized_search import binary_rescore_search, hamming_search, scalar_search
+from embedlab.evaluation.reduction import fit_pca, truncate
+from embedlab.evaluation.search import exact_search
+from embedlab.evaluation.storage import PRECISIONS, index_bytes, rescore_bytes
 from embedlab.peak_memory import reset_peak_rss, status_kb
 
 
@@ -175,20 +170,8 @@ def test_hamming_search_top_k_larger_than_corpus_returns_whole_corpus():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 4./5. float, int8 and rescored binary search
+# 4./5. int8 and rescored binary search (float search: tests/test_search.py)
 # ------------------------------------------------------------------------------------------------------------
-def test_dense_search_matches_naive_including_ties():
-    # small integers: dot products are exact, duplicated rows tie exactly
-    rng = np.random.default_rng(10)
-    corpus = torch.from_numpy(rng.integers(-2, 3, size=(200, 6)).astype(np.float32))
-    query = torch.from_numpy(rng.integers(-2, 3, size=(9, 6)).astype(np.float32))
-    expected = _naive_topk(query.numpy() @ corpus.numpy().T, 20, largest=True)
-    for chunks in [(4, 13), (100, 1000), (1, 3)]:
-        scores, idx = C._dense_search(query, corpus, 20, query_chunk_size=chunks[0], corpus_chunk_size=chunks[1])
-        np.testing.assert_array_equal(scores.numpy(), expected[0])
-        np.testing.assert_array_equal(idx.numpy(), expected[1])
-
-
 def test_scalar_search_matches_naive_dequantized_scoring():
     corpus, query = _randn(400, 32, seed=11), _randn(13, 32, seed=12)
     quantizer = fit_scalar_quantizer(corpus, "int8")
@@ -247,7 +230,7 @@ def test_search_argument_errors():
     with pytest.raises(ValueError, match=re.escape("top_k must be >= 1, got 0")):
         hamming_search(binary_quantize(q), bits, 0)
     with pytest.raises(ValueError, match="chunk sizes must be >= 1"):
-        C._dense_search(q, c, 3, corpus_chunk_size=0)
+        exact_search(q, c, 3, "dot", corpus_chunk_size=0)
     with pytest.raises(ValueError, match=re.escape("rescore_multiplier must be >= 1, got 0")):
         binary_rescore_search(q, bits, 3, rescore_multiplier=0)
     with pytest.raises(ValueError, match=re.escape("corpus_bits has 2 bytes per row, queries of width 24 need 3")):
@@ -267,12 +250,12 @@ def test_searches_are_chunked(monkeypatch):
     quantizer = fit_scalar_quantizer(corpus, "int8")
     codes, bits = quantizer.quantize(corpus), binary_quantize(corpus)
     unchunked = {
-        "dense": C._dense_search(query, corpus, 7, 10**6, 10**6),
+        "dense": exact_search(query, corpus, 7, "dot", 10**6, 10**6),
         "int8": scalar_search(query, quantizer, codes, 7, 10**6, 10**6),
         "rescore": binary_rescore_search(query, bits, 7, 2, None, 10**6, 10**6),
     }
     matmul_shapes, hamming_shapes, dequantized_rows = [], [], []
-    real_matmul, real_hamming, real_dequantize = C._matmul, C._hamming_block, ScalarQuantizer.dequantize
+    real_matmul, real_hamming, real_dequantize = S.dot_block, QS._hamming_block, ScalarQuantizer.dequantize
 
     def matmul(a, b):
         matmul_shapes.append((a.shape[0], b.shape[0]))
@@ -287,11 +270,12 @@ def test_searches_are_chunked(monkeypatch):
         dequantized_rows.append(q.shape[0])
         return real_dequantize(self, q, *args, **kwargs)
 
-    monkeypatch.setattr(C, "_matmul", matmul)
-    monkeypatch.setattr(C, "_hamming_block", hamming)
+    monkeypatch.setattr(S, "dot_block", matmul)
+    monkeypatch.setattr(QS, "dot_block", matmul)
+    monkeypatch.setattr(QS, "_hamming_block", hamming)
     monkeypatch.setattr(ScalarQuantizer, "dequantize", dequantize)
     chunked = {
-        "dense": C._dense_search(query, corpus, 7, query_chunk_size=5, corpus_chunk_size=40),
+        "dense": exact_search(query, corpus, 7, "dot", query_chunk_size=5, corpus_chunk_size=40),
         "int8": scalar_search(query, quantizer, codes, 7, query_chunk_size=5, corpus_chunk_size=40),
         "rescore": binary_rescore_search(query, bits, 7, 2, None, query_chunk_size=5, corpus_chunk_size=40),
     }
@@ -356,15 +340,21 @@ def test_pca_errors():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 7. bytes per vector
+# 7. storage: index and rescoring bytes
 # ------------------------------------------------------------------------------------------------------------
-def test_bytes_per_vector():
+def test_index_and_rescore_bytes_by_hand():
+    # 384 dims: float32 4 * 384, float16 2 * 384, one byte per dim, 384 bits = 48 bytes
     expected = {"float32": 1536, "float16": 768, "int8": 384, "uint8": 384, "binary": 48, "binary_rescore": 48}
-    assert {p: bytes_per_vector(384, p) for p in PRECISIONS} == expected
-    assert bytes_per_vector(45, "binary") == 6 and bytes_per_vector(1, "binary_rescore") == 1
+    assert {p: index_bytes(384, p) for p in PRECISIONS} == expected
+    assert index_bytes(45, "binary") == 6 and index_bytes(1, "binary_rescore") == 1  # ceil(45 / 8), ceil(1 / 8)
+    # only binary_rescore keeps a rescoring copy: int8 one byte per dim, float32 four, binary its own bits
+    assert {p: rescore_bytes(384, p, "int8") for p in PRECISIONS} == {p: 0 for p in PRECISIONS} | {"binary_rescore": 384}
+    assert rescore_bytes(45, "binary_rescore", "float32") == 180 and rescore_bytes(45, "binary_rescore", "binary") == 0
     msg = "unknown precision 'int4'; valid precisions: float32, float16, int8, uint8, binary, binary_rescore"
     with pytest.raises(ValueError, match=re.escape(msg)):
-        bytes_per_vector(384, "int4")
+        index_bytes(384, "int4")
+    with pytest.raises(ValueError, match=re.escape("rescore_with must be one of int8, float32, binary, got 'int4'")):
+        rescore_bytes(384, "binary_rescore", "int4")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -377,10 +367,9 @@ def test_searches_stay_memory_bounded(monkeypatch):
     """200_000 x 384 float32 corpus (307 MB; int8 copy 77 MB; bits 9.6 MB), 100 queries, corpus_chunk_size=20_000.
 
     Bound: the peak-RSS growth (``VmHWM`` after the call, reset to the current RSS before it, minus that RSS)
-    of each search -- float (private ``_dense_search``), int8 (``scalar_search``) and ``binary_rescore_search`` --
-    stays below 150 MB, i.e. under half the float corpus: a dequantized or float copy of the whole corpus could not
-    fit (scoring against ``quantizer.dequantize(codes)`` in one piece measures ~380 MB). Measured: 40-70 MB each
-    (one 20_000 x 384 float chunk is 31 MB; a (100, 20_000) score block 8 MB, its float64 Hamming key 16 MB).
+    of each search -- float (``exact_search``), int8 (``scalar_search``) and ``binary_rescore_search`` --
+    stays below 150 MB, i.e. under half the float corpus, so no dequantized or float copy of the whole corpus
+    (307 MB) can exist. By construction one 20_000 x 384 float chunk is 31 MB and a (100, 20_000) score block 8 MB.
     The full 100 x 200_000 score matrix would be only 80 MB, so chunking is also checked structurally: the largest
     score block seen by the matmul and the Hamming kernel is (100, 20_000).
     """
@@ -396,13 +385,19 @@ def test_searches_stay_memory_bounded(monkeypatch):
     bits = binary_quantize(corpus)
 
     blocks: list[tuple[int, int]] = []
-    real_matmul, real_hamming = C._matmul, C._hamming_block
-    monkeypatch.setattr(C, "_matmul", lambda a, b: (blocks.append((a.shape[0], b.shape[0])), real_matmul(a, b))[1])
+    real_matmul, real_hamming = S.dot_block, QS._hamming_block
+
+    def matmul(a, b):
+        blocks.append((a.shape[0], b.shape[0]))
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(S, "dot_block", matmul)
+    monkeypatch.setattr(QS, "dot_block", matmul)
     monkeypatch.setattr(
-        C, "_hamming_block", lambda t, c: (blocks.append((t.shape[1], c.shape[0])), real_hamming(t, c))[1]
+        QS, "_hamming_block", lambda t, c: (blocks.append((t.shape[1], c.shape[0])), real_hamming(t, c))[1]
     )
     runs = {
-        "float": lambda: C._dense_search(query, corpus, 10, query_chunk_size=100, corpus_chunk_size=chunk),
+        "float": lambda: exact_search(query, corpus, 10, "dot", query_chunk_size=100, corpus_chunk_size=chunk),
         "int8": lambda: scalar_search(query, quantizer, codes, 10, query_chunk_size=100, corpus_chunk_size=chunk),
         "binary_rescore": lambda: binary_rescore_search(
             query, bits, 10, rescore_multiplier=4, query_chunk_size=100, corpus_chunk_size=chunk
@@ -410,8 +405,8 @@ def test_searches_stay_memory_bounded(monkeypatch):
     }
     growth_mb = {}
     for name, run in runs.items():
-        # the smaller of two calls: the allocator's state left by earlier tests sometimes adds ~100 MB to one
-        # call (seen 1 in ~5 runs of this file); a whole-corpus copy would exceed the bound in both calls
+        # the smaller of two calls: the allocator's state left by earlier tests can add to one call's peak;
+        # a whole-corpus copy would exceed the bound in both calls
         growth_mb[name] = float("inf")
         for _ in range(2):
             gc.collect()
@@ -426,7 +421,7 @@ def test_searches_stay_memory_bounded(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# cross-check against sentence-transformers itself (its import alone takes ~10 s)
+# cross-check against sentence-transformers itself (slow: its import is heavy)
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_matches_sentence_transformers():

@@ -5,42 +5,13 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import pytest
 
 from embedlab.evaluation.metrics import METRICS, per_query_metrics, rank_documents, retrieval_metrics
+from tests.conftest import K_VALUES, pytrec_per_query
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
-K_VALUES = (1, 3, 5, 10, 100)
-
-
-def _trec_order(scores: dict[str, float]) -> list[str]:
-    """Reference ranking written independently of the module: float32 score desc, then doc id desc."""
-    return sorted(scores, key=lambda d: (float(np.float32(scores[d])), d), reverse=True)
-
-
-def _pytrec_per_query(run, qrels, k_values=K_VALUES) -> dict[str, dict[str, float]]:
-    """pytrec_eval numbers renamed to embedlab's keys; mrr@k = recip_rank of the run cut to its top k."""
-    cut = ",".join(map(str, k_values))
-    evaluator = pytrec_eval.RelevanceEvaluator(
-        qrels, {f"ndcg_cut.{cut}", f"map_cut.{cut}", f"recall.{cut}", f"P.{cut}"}
-    )
-    raw = evaluator.evaluate(run)
-    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"})
-    out = {}
-    for qid, m in raw.items():
-        row = {}
-        for k in k_values:
-            row[f"ndcg@{k}"] = m[f"ndcg_cut_{k}"]
-            row[f"map@{k}"] = m[f"map_cut_{k}"]
-            row[f"recall@{k}"] = m[f"recall_{k}"]
-            row[f"precision@{k}"] = m[f"P_{k}"]
-            truncated = {d: run[qid][d] for d in _trec_order(run[qid])[:k]}
-            # an empty run dict is still evaluated by pytrec_eval (all zeros); keep it so
-            row[f"mrr@{k}"] = rr.evaluate({qid: truncated})[qid]["recip_rank"] if truncated else 0.0
-        out[qid] = row
-    return out
 
 
 def _random_case(seed: int = 0, n_queries: int = 80, n_docs: int = 150):
@@ -87,7 +58,7 @@ def test_random_case_covers_corner_cases():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_per_query_matches_pytrec_eval(seed):
     run, qrels = _random_case(seed)
-    expected = _pytrec_per_query(run, qrels)
+    expected = pytrec_per_query(run, qrels)
     got = per_query_metrics(run, qrels, K_VALUES, missing_queries="skip")
     assert set(got) == set(expected)
     for qid, row in expected.items():
@@ -97,7 +68,7 @@ def test_per_query_matches_pytrec_eval(seed):
 
 def test_mean_matches_pytrec_eval_with_prefix():
     run, qrels = _random_case(3)
-    expected = _pytrec_per_query(run, qrels)
+    expected = pytrec_per_query(run, qrels)
     got = retrieval_metrics(run, qrels, K_VALUES, prefix="val/", missing_queries="skip")
     names = [f"{m}@{k}" for m in METRICS for k in K_VALUES]
     assert list(got) == [f"val/{n}" for n in names]
@@ -154,7 +125,7 @@ def test_missing_queries_skip_is_pytrec_eval():
     run, qrels, q1 = _hand_case()
     got = retrieval_metrics(run, qrels, (1, 3), prefix="", missing_queries="skip")
     assert got == pytest.approx({name: value / 2 for name, value in q1.items()}, abs=1e-12)
-    assert set(_pytrec_per_query(run, qrels, (1, 3))) == {"q1", "q3"}
+    assert set(pytrec_per_query(run, qrels, (1, 3))) == {"q1", "q3"}
 
 
 def test_ignore_identical_ids():
@@ -162,7 +133,7 @@ def test_ignore_identical_ids():
     run = {"q1": {"q1": 2.0, "d1": 1.0, "d9": 0.5}, "q2": {"d2": 1.0, "q2": 3.0}}
     cleaned = {"q1": {"d1": 1.0, "d9": 0.5}, "q2": {"d2": 1.0}}
     got = per_query_metrics(run, qrels, (1, 2), ignore_identical_ids=True)
-    expected = _pytrec_per_query(cleaned, qrels, (1, 2))
+    expected = pytrec_per_query(cleaned, qrels, (1, 2))
     for qid in expected:
         assert got[qid] == pytest.approx(expected[qid], abs=1e-9)
     assert got["q2"]["mrr@1"] == 1.0

@@ -5,21 +5,49 @@ embeddings (``compute``). The split lets the same code run in two places: ``eval
 and scores in one call (evaluate.py, benchmarks), while the LightningModule encodes the plan as ordinary
 validation/test steps (so Lightning handles devices, progress bars and, under DDP, sharding) and calls
 ``compute`` once at the end of the epoch.
+
+:func:`build_evaluator` picks the evaluator class by task type (:data:`EVALUATORS`) and checks the ``eval``
+options against the classes' own signatures: a new evaluator class registers by joining :data:`EVALUATORS`, and
+its keyword arguments (and their defaults) become valid ``eval`` options.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
 from embedlab.data.records import RetrievalTask, STSTask
+from embedlab.errors import UserError
 from embedlab.evaluation.grid import CompressionGrid, GridCell
 from embedlab.evaluation.metrics import retrieval_metrics
-from embedlab.evaluation.search import exact_search, search_to_run
+from embedlab.evaluation.search import (
+    DEFAULT_CORPUS_CHUNK_SIZE,
+    DEFAULT_QUERY_CHUNK_SIZE,
+    SEARCHES,
+    SIMILARITIES,
+    require_faiss,
+    search_to_run,
+)
+
+
+class EvalOptionError(UserError, ValueError):
+    """An ``eval`` option that no evaluator knows, or that the task's evaluator does not take."""
+
+
+def check_similarity_option(similarity: str | None) -> None:
+    """``similarity`` must be ``cos`` or ``dot``; ``None`` (``eval.similarity: null``) is the caller's to resolve."""
+    if similarity is None:
+        raise EvalOptionError(
+            "eval.similarity is null (the model's similarity): resolve it to the model's 'cos' or 'dot' "
+            "before building the evaluator"
+        )
+    if similarity not in SIMILARITIES:
+        raise EvalOptionError(f"eval.similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
 
 
 @dataclass
@@ -32,13 +60,17 @@ class EncodeRequest:
 
 
 class RetrievalEvaluator:
-    """Retrieval metrics (nDCG, MAP, MRR, Recall, Precision @k) of exact search over a BEIR-style task.
+    """Retrieval metrics (nDCG, MAP, MRR, Recall, Precision @k) of a top-k search over a BEIR-style task.
 
     Args:
         task: corpus, queries and graded qrels.
         k_values: cutoffs for every metric.
-        score_function: ``cos`` or ``dot``.
-        top_k: documents kept per query (>= max(k_values)).
+        similarity: ``cos`` or ``dot`` (the model's similarity; callers resolve ``eval.similarity: null`` to it).
+        top_k: documents kept per query (raised to ``max(k_values)`` if smaller); ``binary_rescore`` rescores
+            ``top_k * rescore_multiplier`` candidates.
+        search: ``exact`` (chunked matrix products, :func:`~embedlab.evaluation.search.exact_search`) or ``faiss``
+            (each corpus chunk searched by a FAISS flat inner-product index on CPU,
+            :func:`~embedlab.evaluation.search.faiss_search`); both are exact, bounded by the chunk sizes.
         corpus_chunk_size / query_chunk_size: bound the search's memory (never a full queries x corpus matrix).
         batch_size: encoding batch size.
         ignore_identical_ids: drop a retrieved document whose id equals the query id (BEIR's option).
@@ -47,14 +79,18 @@ class RetrievalEvaluator:
             its cells are also kept in ``last_grid`` for tables and plots.
     """
 
+    task_kind = "retrieval"
+    task_label = "a retrieval task"
+
     def __init__(
         self,
         task: RetrievalTask,
         k_values: Sequence[int] = (1, 3, 5, 10, 100),
-        score_function: str = "cos",
-        top_k: int | None = None,
-        corpus_chunk_size: int = 50_000,
-        query_chunk_size: int = 1024,
+        similarity: str = "cos",
+        top_k: int = 100,
+        search: str = "exact",
+        corpus_chunk_size: int = DEFAULT_CORPUS_CHUNK_SIZE,
+        query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
         batch_size: int = 64,
         ignore_identical_ids: bool = False,
         dims: Sequence[int] | None = None,
@@ -62,12 +98,17 @@ class RetrievalEvaluator:
         pca: Sequence[int] | None = None,
         rescore_multiplier: int = 4,
         rescore_with: str = "int8",
-        **_: object,
     ) -> None:
+        check_similarity_option(similarity)
+        if search not in SEARCHES:
+            raise EvalOptionError(f"eval.search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        if search == "faiss":
+            require_faiss()  # fail before encoding, not after
         self.task = task
         self.k_values = tuple(int(k) for k in k_values)
-        self.score_function = score_function
+        self.similarity = similarity
         self.top_k = max(top_k or 0, max(self.k_values))
+        self.search = SEARCHES[search]
         self.corpus_chunk_size = corpus_chunk_size
         self.query_chunk_size = query_chunk_size
         self.batch_size = batch_size
@@ -76,7 +117,8 @@ class RetrievalEvaluator:
         self.corpus_ids = list(task.corpus)
         self.grid = CompressionGrid(
             dims=dims, precisions=precisions, pca=pca, rescore_multiplier=rescore_multiplier, rescore_with=rescore_with,
-            score_function=score_function, query_chunk_size=query_chunk_size, corpus_chunk_size=corpus_chunk_size,
+            similarity=similarity, search=search, query_chunk_size=query_chunk_size,
+            corpus_chunk_size=corpus_chunk_size,
         )
         self.last_grid: list[GridCell] = []
 
@@ -105,15 +147,11 @@ class RetrievalEvaluator:
         return self.top_k + (1 if self.ignore_identical_ids else 0)
 
     def search_metrics(self, query: torch.Tensor, document: torch.Tensor, prefix: str = "test/") -> dict[str, float]:
-        """Exact search of ``document`` ``(N, D)`` (the corpus, in ``corpus_ids`` order) for every row of ``query``
+        """Search ``document`` ``(N, D)`` (the corpus, in ``corpus_ids`` order) for every row of ``query``
         ``(Q, D)`` (``query_ids`` order) and the metrics of the run; no grid, no timing."""
-        scores, indices = exact_search(
-            query,
-            document,
-            top_k=self.search_top_k,
-            score_function=self.score_function,
-            query_chunk_size=self.query_chunk_size,
-            corpus_chunk_size=self.corpus_chunk_size,
+        scores, indices = self.search(
+            query, document, self.search_top_k, self.similarity,
+            query_chunk_size=self.query_chunk_size, corpus_chunk_size=self.corpus_chunk_size,
         )
         return self._score(scores, indices, prefix)
 
@@ -128,10 +166,22 @@ class RetrievalEvaluator:
 
 
 class STSEvaluator:
-    """Spearman correlation (in percent) between the cosine similarity of each pair and its gold score."""
+    """Spearman and Pearson correlations (in percent) between each pair's similarity and its gold score.
 
-    def __init__(self, task: STSTask, batch_size: int = 64, **_: object) -> None:
+    Keys: ``{prefix}spearman_cosine`` / ``{prefix}pearson_cosine`` for ``similarity="cos"``, ``..._dot`` for
+    ``"dot"`` (sentence-transformers' ``EmbeddingSimilarityEvaluator`` names). Similarities are computed in float64
+    and correlated by ``torchmetrics.functional``; its Spearman ranks ties by their mean rank in float32, so it
+    agrees with ``scipy.stats.spearmanr`` to about 1e-7 (Pearson to float64 round-off).
+    """
+
+    task_kind = "STS"
+    task_label = "an STS task"
+    _KEY_NAMES = {"cos": "cosine", "dot": "dot"}
+
+    def __init__(self, task: STSTask, similarity: str = "cos", batch_size: int = 64) -> None:
+        check_similarity_option(similarity)
         self.task = task
+        self.similarity = similarity
         self.batch_size = batch_size
         self.last_grid: list[GridCell] = []
 
@@ -142,30 +192,80 @@ class STSEvaluator:
         ]
 
     def compute(self, embeddings: dict[str, torch.Tensor], prefix: str = "test/") -> dict[str, float]:
-        from scipy.stats import pearsonr, spearmanr
-
-        cos = F.cosine_similarity(embeddings["sentences1"], embeddings["sentences2"]).numpy()
-        gold = self.task.scores
+        left, right = embeddings["sentences1"].double(), embeddings["sentences2"].double()  # (P, D) each
+        if self.similarity == "cos":
+            left, right = torch.nn.functional.normalize(left, dim=1), torch.nn.functional.normalize(right, dim=1)
+        predicted = (left * right).sum(dim=1).cpu()  # (P,)
+        gold = torch.as_tensor(self.task.scores, dtype=torch.float64)  # (P,)
+        name = self._KEY_NAMES[self.similarity]
         return {
-            f"{prefix}spearman_cosine": float(spearmanr(cos, gold).statistic) * 100,
-            f"{prefix}pearson_cosine": float(pearsonr(cos, gold).statistic) * 100,
+            f"{prefix}spearman_{name}": float(spearman_corrcoef(predicted, gold)) * 100,
+            f"{prefix}pearson_{name}": float(pearson_corrcoef(predicted, gold)) * 100,
         }
 
     def evaluate(self, model, prefix: str = "test/", show_progress_bar: bool = True) -> dict[str, float]:
         return self.compute(encode_plan(model, self.encode_plan(), self.batch_size, show_progress_bar), prefix)
 
 
-#: task type -> evaluator class; extend by adding an entry, not a branch
-EVALUATORS = {RetrievalTask: RetrievalEvaluator, STSTask: STSEvaluator}
+#: task type -> evaluator class; a new evaluator registers here, and its keyword arguments become ``eval`` options
+EVALUATORS: dict[type, type] = {RetrievalTask: RetrievalEvaluator, STSTask: STSEvaluator}
+
+
+def _options_of(cls: type) -> dict[str, Any]:
+    """``{option: default}`` of an evaluator class: its ``__init__`` parameters after ``task``."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # drop self, task
+    return {p.name: p.default for p in params}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Config values compare to Python defaults with lists and tuples alike (``[1, 3]`` == ``(1, 3)``)."""
+    def norm(x: Any) -> Any:
+        return tuple(norm(v) for v in x) if isinstance(x, (list, tuple)) else x
+    return norm(a) == norm(b)
+
+
+def with_model_similarity(options: Mapping[str, Any], model) -> dict[str, Any]:
+    """The ``eval`` options with ``similarity: null`` resolved to ``model.similarity`` (what it was trained for)."""
+    options = dict(options)
+    if options.get("similarity", "") is None:
+        options["similarity"] = model.similarity
+    return options
 
 
 def build_evaluator(task, **options) -> RetrievalEvaluator | STSEvaluator:
-    """The evaluator for ``task`` (a RetrievalTask or STSTask), configured with the ``eval`` options."""
+    """The evaluator for ``task`` (a RetrievalTask or STSTask), configured with the ``eval`` options.
+
+    The ``eval`` config is shared by every task, so it holds options of all evaluators. An option the task's
+    evaluator does not take is dropped when it equals the default of the evaluators that take it, and is an error
+    otherwise (a setting that would silently do nothing).
+
+    Raises:
+        TypeError: no evaluator for the task's type.
+        EvalOptionError: ``unknown eval option 'foo' (known: ...)`` for a name no evaluator takes;
+            ``eval.dims does not apply to an STS task (...)`` for another evaluator's option set away from its
+            default.
+    """
     try:
         cls = EVALUATORS[type(task)]
     except KeyError:
         raise TypeError(f"no evaluator for task type {type(task).__name__}; known: {[t.__name__ for t in EVALUATORS]}")
-    return cls(task, **options)
+    own = _options_of(cls)
+    others = {other: _options_of(other) for other in EVALUATORS.values() if other is not cls}
+    known = set(own).union(*others.values())
+    kept = {}
+    for name, value in options.items():
+        if name in own:
+            kept[name] = value
+            continue
+        if name not in known:
+            raise EvalOptionError(f"unknown eval option {name!r} (known: {', '.join(sorted(known))})")
+        takers = [other for other, defaults in others.items() if name in defaults]
+        if not all(_same_value(value, others[other][name]) for other in takers):
+            raise EvalOptionError(
+                f"eval.{name} does not apply to {cls.task_label} (a {' / '.join(o.task_kind for o in takers)} "
+                f"option; {cls.task_kind} options: {', '.join(own)}): drop eval.{name}={value!r}"
+            )
+    return cls(task, **kept)
 
 
 def encode_plan(model, plan: list[EncodeRequest], batch_size: int, show_progress_bar: bool) -> dict[str, torch.Tensor]:
