@@ -6,13 +6,16 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import embedlab  # noqa: F401  (config resolvers)
+from embedlab.data.records import Example
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -23,8 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` as the entry point would, with run paths set to ``output_dir``."""
+def compose_config(config_name: str, overrides: list[str], output_dir: Path, keep_hydra: bool = False) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` as the entry point would, with run paths set to ``output_dir``.
+
+    The ``hydra`` node (sweeper, launcher, run dirs) is dropped unless ``keep_hydra``: the objects under test
+    never read it, and resolving it needs a running Hydra app.
+    """
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
@@ -32,7 +39,8 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.root_dir = str(PROJECT_ROOT)
-        del cfg["hydra"]
+        if not keep_hydra:
+            del cfg["hydra"]
     return cfg
 
 
@@ -95,3 +103,94 @@ def write_tiny_data(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory) -> Path:
     return write_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+# Shared by the distributed and gradient-cache tests: examples with known duplicate structure, and the
+# tolerance check their comparisons against a single-process reference use.
+def make_examples(n: int, negatives: bool = False, duplicates: bool = False) -> list[Example]:
+    """``n`` (query, positive[, negative]) examples over the conftest topics. ``duplicates``: documents and
+    queries repeat across the two ranks' halves so masking has work to do (see ``_duplicates``)."""
+    out = []
+    for i in range(n):
+        topic, text = TOPICS[i % len(TOPICS)]
+        ex = Example(
+            query=f"what do we know about {topic} number {i}?",
+            positive=f"{text} Fact {i}.",
+            query_id=f"q{i}",
+            positive_id=f"d{i}",
+            known_positive_ids=[f"d{i}"],
+        )
+        if negatives:
+            ex.negatives = [f"An unrelated note {i} about {topic} trivia."]
+            ex.negative_ids = [f"n{i}"]
+        out.append(ex)
+    if duplicates:
+        _duplicates(out)
+    return out
+
+
+def _duplicates(ex: list[Example]) -> None:
+    """Per global batch of 8 (ranks 0 | 1 hold 0-3 | 4-7):
+    - the same document d1 is the positive of queries 1 (rank 0) and 5 (rank 1);
+    - query q2 appears twice (examples 2 and 6) with two different positives, both its known positives;
+    - example 3's hard negative is document d4, which is the positive of query 4 (rank 1) and a known
+      positive of query 7 (rank 1) as well (so query 7 must not count d4 as a negative either).
+    """
+    for base in range(0, len(ex), 8):
+        e = ex[base : base + 8]
+        if len(e) < 8:
+            return
+        e[5].positive, e[5].positive_id, e[5].known_positive_ids = e[1].positive, e[1].positive_id, [e[1].positive_id]
+        e[6].query, e[6].query_id = e[2].query, e[2].query_id
+        e[2].known_positive_ids = e[6].known_positive_ids = [e[2].positive_id, e[6].positive_id]
+        if e[3].negatives:
+            e[3].negatives, e[3].negative_ids = [e[4].positive], [e[4].positive_id]
+        e[7].known_positive_ids = [e[7].positive_id, e[4].positive_id]
+
+
+def assert_rel(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-5) -> float:
+    """max |got - want| <= rel * max |want| (relative to the tensor's scale; a tensor whose entries are all
+    below 1e-8 counts on the scale 1e-8: attention key biases get a mathematically zero gradient, which
+    float rounding turns into ~1e-20 noise); returns the relative error."""
+    got, want = got.detach().double(), want.detach().double()
+    scale = max(float(want.abs().max()), 1e-8)
+    err = float((got - want).abs().max()) / scale
+    assert err <= rel, f"{what}: relative error {err:.2e} > {rel:.0e}"
+    return err
+
+
+# ---------------------------------------------------------------------- pytrec_eval reference (metrics tests)
+K_VALUES = (1, 3, 5, 10, 100)
+
+
+def trec_order(scores: dict[str, float]) -> list[str]:
+    """Reference ranking written independently of the module: float32 score desc, then doc id desc."""
+    return sorted(scores, key=lambda d: (float(np.float32(scores[d])), d), reverse=True)
+
+
+def pytrec_per_query(run, qrels, k_values=K_VALUES) -> dict[str, dict[str, float]]:
+    """pytrec_eval numbers renamed to embedlab's keys; mrr@k = recip_rank of the run cut to its top k."""
+    cut = ",".join(map(str, k_values))
+    evaluator = _pytrec().RelevanceEvaluator(
+        qrels, {f"ndcg_cut.{cut}", f"map_cut.{cut}", f"recall.{cut}", f"P.{cut}"}
+    )
+    raw = evaluator.evaluate(run)
+    rr = _pytrec().RelevanceEvaluator(qrels, {"recip_rank"})
+    out = {}
+    for qid, m in raw.items():
+        row = {}
+        for k in k_values:
+            row[f"ndcg@{k}"] = m[f"ndcg_cut_{k}"]
+            row[f"map@{k}"] = m[f"map_cut_{k}"]
+            row[f"recall@{k}"] = m[f"recall_{k}"]
+            row[f"precision@{k}"] = m[f"P_{k}"]
+            truncated = {d: run[qid][d] for d in trec_order(run[qid])[:k]}
+            # an empty run dict is still evaluated by pytrec_eval (all zeros); keep it so
+            row[f"mrr@{k}"] = rr.evaluate({qid: truncated})[qid]["recip_rank"] if truncated else 0.0
+        out[qid] = row
+    return out
+
+
+
+def _pytrec():
+    return pytest.importorskip("pytrec_eval")

@@ -10,7 +10,7 @@ below, on its half of a global batch (rank r: examples ``[r*4, r*4+4)`` of each 
 reference is computed here, in one process, on the whole global batch with the same initial weights, by
 hand (embed, loss, ``backward``, clip, SGD step), independently of the module's training step.
 
-What is compared, per scenario (``_assert_rel``: max |a - b| <= 1e-5 * max |b| for each tensor):
+What is compared, per scenario (``assert_rel``: max |a - b| <= 1e-5 * max |b| for each tensor):
 - loss: the mean over ranks of each rank's loss == the reference loss of the global batch. With
   gather_across_devices, rank r's loss is the cross-entropy of its 4 queries over all 8 positives (and all
   hard negatives), so the mean over the 2 ranks of those means is the mean over the 8 queries: the global
@@ -43,7 +43,7 @@ from embedlab.data.collate import collate_examples, text_id
 from embedlab.data.records import Example
 from embedlab.losses import EmbeddedBatch, MultipleNegativesRankingLoss
 from embedlab.losses.contrastive import false_negative_mask
-from tests.conftest import PROJECT_ROOT, TOPICS
+from tests.conftest import PROJECT_ROOT, assert_rel, make_examples
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -71,47 +71,6 @@ SCENARIOS = {
 
 
 # ---------------------------------------------------------------------------------------- data and models
-def make_examples(n: int, negatives: bool = False, duplicates: bool = False) -> list[Example]:
-    """``n`` (query, positive[, negative]) examples over the conftest topics. ``duplicates``: documents and
-    queries repeat across the two ranks' halves so masking has work to do (see ``_duplicates``)."""
-    out = []
-    for i in range(n):
-        topic, text = TOPICS[i % len(TOPICS)]
-        ex = Example(
-            query=f"what do we know about {topic} number {i}?",
-            positive=f"{text} Fact {i}.",
-            query_id=f"q{i}",
-            positive_id=f"d{i}",
-            known_positive_ids=[f"d{i}"],
-        )
-        if negatives:
-            ex.negatives = [f"An unrelated note {i} about {topic} trivia."]
-            ex.negative_ids = [f"n{i}"]
-        out.append(ex)
-    if duplicates:
-        _duplicates(out)
-    return out
-
-
-def _duplicates(ex: list[Example]) -> None:
-    """Per global batch of 8 (ranks 0 | 1 hold 0-3 | 4-7):
-    - the same document d1 is the positive of queries 1 (rank 0) and 5 (rank 1);
-    - query q2 appears twice (examples 2 and 6) with two different positives, both its known positives;
-    - example 3's hard negative is document d4, which is the positive of query 4 (rank 1) and a known
-      positive of query 7 (rank 1) as well (so query 7 must not count d4 as a negative either).
-    """
-    for base in range(0, len(ex), 8):
-        e = ex[base : base + 8]
-        if len(e) < 8:
-            return
-        e[5].positive, e[5].positive_id, e[5].known_positive_ids = e[1].positive, e[1].positive_id, [e[1].positive_id]
-        e[6].query, e[6].query_id = e[2].query, e[2].query_id
-        e[2].known_positive_ids = e[6].known_positive_ids = [e[2].positive_id, e[6].positive_id]
-        if e[3].negatives:
-            e[3].negatives, e[3].negative_ids = [e[4].positive], [e[4].positive_id]
-        e[7].known_positive_ids = [e[7].positive_id, e[4].positive_id]
-
-
 def build_module(spec: dict, seed: int = 0, dtype: torch.dtype = torch.float64):
     from embedlab.lightning import BiEncoderModule
     from embedlab.models import tiny_bi_encoder
@@ -277,17 +236,6 @@ def ddp_results(tmp_path_factory, tiny_data_root):
     return results
 
 
-def _assert_rel(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 1e-5) -> float:
-    """max |got - want| <= rel * max |want| (relative to the tensor's scale; a tensor whose entries are all
-    below 1e-8 counts on the scale 1e-8: attention key biases get a mathematically zero gradient, which
-    float rounding turns into ~1e-20 noise); returns the relative error."""
-    got, want = got.detach().double(), want.detach().double()
-    scale = max(float(want.abs().max()), 1e-8)
-    err = float((got - want).abs().max()) / scale
-    assert err <= rel, f"{what}: relative error {err:.2e} > {rel:.0e}"
-    return err
-
-
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_ddp_matches_single_process_global_batch(ddp_results, name):
     """2 gloo ranks x 4 examples == 1 process x 8 examples: loss (mean over ranks), every gradient, and the
@@ -298,14 +246,14 @@ def test_ddp_matches_single_process_global_batch(ddp_results, name):
     steps = spec.get("accumulate", 1)
     for s in range(steps):
         mean_over_ranks = sum(r["losses"][s] for r in ranks) / WORLD
-        _assert_rel(torch.tensor(mean_over_ranks), torch.tensor(ref["losses"][s]), f"{name} loss of global batch {s}")
+        assert_rel(torch.tensor(mean_over_ranks), torch.tensor(ref["losses"][s]), f"{name} loss of global batch {s}")
     # DDP leaves identical gradients and parameters on every rank
     assert set(ranks[0]["grads"]) == set(ref["grads"]) and len(ref["grads"]) > 10
     for r in ranks:
         for n, g in ref["grads"].items():
-            _assert_rel(r["grads"][n], g, f"{name} grad {n}")
+            assert_rel(r["grads"][n], g, f"{name} grad {n}")
         for n, p in ref["params"].items():
-            _assert_rel(r["params"][n], p, f"{name} param {n} after the step")
+            assert_rel(r["params"][n], p, f"{name} param {n} after the step")
     # the step moved the weights (the comparison above is not trivially about unchanged parameters)
     start = dict(build_module({"loss": {}}).named_parameters())
     assert any(not torch.equal(start[n], p) for n, p in ref["params"].items())

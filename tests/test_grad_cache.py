@@ -2,7 +2,7 @@
 
 References are computed independently of ``grad_cache_backward``: the plain full-batch step (embed,
 loss, ``backward``), or, with dropout on, the same mini-batch forward passes run with a graph in the same
-RNG order. ``_assert_rel``: max |a - b| <= 1e-5 * max |b| per tensor (see tests/test_distributed.py).
+RNG order. ``assert_rel``: max |a - b| <= 1e-5 * max |b| per tensor (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from embedlab.lightning import grad_cache as gc
 from embedlab.losses import CoSENTLoss, MatryoshkaLoss, MultipleNegativesRankingLoss
 from embedlab.models import tiny_bi_encoder
 from embedlab.models.cpu_dropout import use_fast_cpu_dropout
-from tests.conftest import TOPICS, compose_config
-from tests.test_distributed import _assert_rel, make_examples
+from tests.conftest import TOPICS, assert_rel, compose_config, make_examples
 
 
 def _module(loss: nn.Module, dropout: float = 0.0, dtype=torch.float32, **kwargs) -> BiEncoderModule:
@@ -89,10 +88,10 @@ def test_grad_cache_equals_plain_step(name, mini_batch_size):
     got = _grads(module)
     assert set(got_terms) == set(plain)
     for term in plain:
-        _assert_rel(got_terms[term], plain[term].detach(), f"{name} {term}")
+        assert_rel(got_terms[term], plain[term].detach(), f"{name} {term}")
     assert set(got) == set(want) and len(want) > 10
     for n, g in want.items():
-        _assert_rel(got[n], g, f"{name} grad {n}")
+        assert_rel(got[n], g, f"{name} grad {n}")
 
 
 @pytest.mark.slow
@@ -107,7 +106,7 @@ def test_grad_cache_equals_plain_step_float32():
     want = _grads(module)
     got_loss = _grad_cache(module, batch, 3)["loss"]
     got = _grads(module)
-    _assert_rel(got_loss, plain["loss"].detach(), "loss")
+    assert_rel(got_loss, plain["loss"].detach(), "loss")
     scale = max(float(g.abs().max()) for g in want.values())
     worst = max(float((got[n] - g).abs().max()) for n, g in want.items())
     assert worst <= 1e-5 * scale, worst / scale
@@ -144,9 +143,9 @@ def test_grad_cache_replays_dropout_masks(monkeypatch, fast_cpu_dropout):
     torch.manual_seed(123)
     got_loss = _grad_cache(module, batch, 4)["loss"]
     got = _grads(module)
-    _assert_rel(got_loss, want_loss, "loss")
+    assert_rel(got_loss, want_loss, "loss")
     for n, g in want.items():
-        _assert_rel(got[n], g, f"grad {n}")
+        assert_rel(got[n], g, f"grad {n}")
 
     class NoReplay:
         def __init__(self, *tensors):
@@ -218,9 +217,9 @@ def test_module_grad_cache_step_equals_automatic_optimization():
     assert len(g_plain) == len(g_cached) == 2
     for step in range(2):
         for n, g in g_plain[step].items():
-            _assert_rel(g_cached[step][n], g, f"step {step} grad {n}")
+            assert_rel(g_cached[step][n], g, f"step {step} grad {n}")
     for (n, p), (_, q) in zip(plain.named_parameters(), cached.named_parameters()):
-        _assert_rel(q, p, f"param {n}")
+        assert_rel(q, p, f"param {n}")
 
 
 def test_cached_mnrl_config_and_train(tmp_path, tiny_data_root):

@@ -1,5 +1,5 @@
-"""Dataset mixtures (one dataset per step, same on every rank), per-dataset loss/prompt/batch size, the
-no-duplicates sampler, and both under Lightning's DDP sampler injection."""
+"""Dataset mixtures (one dataset per step, same on every rank), per-dataset prompt/batch size, the loss per
+dataset (``loss=by_dataset``), the no-duplicates sampler, and both under Lightning's DDP sampler injection."""
 
 from __future__ import annotations
 
@@ -17,17 +17,18 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from embedlab.data.collate import text_id
 from embedlab.data.errors import DataError
 from embedlab.data.mixture import Mixture, MixtureCollate
-from embedlab.data.records import Example
+from embedlab.data.records import Example, text_id
 from embedlab.data.samplers import DuplicateKeys, MixtureBatchSampler, NoDuplicatesBatchSampler, local_slice
 from embedlab.losses import CoSENTLoss, EmbeddedBatch, MultipleNegativesRankingLoss
 from embedlab.losses.routing import LossByDataset
 from embedlab.training import train
-from tests.conftest import CONFIG_DIR, PROJECT_ROOT, compose_config
+from embedlab.errors import UserError
+from tests.conftest import PROJECT_ROOT, compose_config
 
-MIX = ["model=tiny", "data=mixture_example", "loss=by_dataset", "data.batch_size=4", "data.train.datasets.scifact.batch_size=4"]
+# data=mixture_example with CoSENT for the STSb batches and MNRL (loss.default) for SciFact's
+MIX = ["model=tiny", "experiment=mixture_example", "data.batch_size=4", "data.train.datasets.scifact.batch_size=4"]
 
 
 def lightning_ddp_loaders(make_loader, world: int) -> list[DataLoader]:
@@ -228,7 +229,8 @@ def test_mixture_config_batches_prompts_and_dataset_names(tmp_path, tiny_data_ro
     cfg = compose_config("train", MIX + [f"data.root={tiny_data_root}", "data.train.steps_per_epoch=40"], tmp_path)
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    assert list(dm.mixture_examples) == ["scifact", "stsb"] and dm.val_evaluator is not None  # val carved from scifact
+    assert list(dm.mixture_examples) == ["scifact", "stsb"]
+    assert dm.val_task is not None and set(dm.val_task.queries) <= {f"q{i}" for i in range(12)}  # carved from scifact
     assert len(dm.train_examples) == sum(map(len, dm.mixture_examples.values()))
     batches = list(dm.train_dataloader())
     assert len(batches) == 40 and {b["dataset"] for b in batches} == {"scifact", "stsb"}
@@ -265,6 +267,23 @@ def test_mixture_config_errors(tiny_data_root):
         Mixture({"a": None})
     with pytest.raises(DataError, match="needs a `source`"):
         Mixture({"a": {"weight": 1.0}})
+    for bad in (0, -1.0, float("nan"), "hot", None, True):
+        with pytest.raises(DataError, match=r"^mixture temperature must be a number > 0, got "):
+            Mixture({"a": {"source": src}}, temperature=bad)
+    assert Mixture({"a": {"source": src}}, temperature=2).temperature == 2.0
+
+
+def test_mixture_entry_with_a_loss_points_to_the_loss_config():
+    """The loss per dataset lives in the loss config; a `loss` in a mixture entry is refused with where it goes."""
+    src = SimpleNamespace(examples=lambda: [Example("q", "p")])
+    with pytest.raises(DataError) as e:
+        Mixture({"a": {"source": src}, "stsb": {"source": src, "loss": "cosent"}})
+    assert str(e.value) == (
+        "mixture dataset 'stsb': a mixture entry takes no `loss`; set the loss per dataset in the loss config: "
+        "loss=by_dataset loss.losses={stsb: cosent}"
+    )
+    with pytest.raises(DataError, match=r"loss=by_dataset loss\.losses=\{a: <loss>\}$"):
+        Mixture({"a": {"source": src, "loss": {"_target_": "embedlab.losses.CoSENTLoss"}}})
 
 
 def _batch(dataset=None, b=4, seed=0):
@@ -285,27 +304,18 @@ def test_loss_by_dataset_dispatches_and_keeps_term_names():
     assert set(pairs) == {"loss", "mnrl", "loss@pairs"}
     assert set(unnamed) == {"loss", "mnrl"}
     sts["loss"].backward()
-    # config form: option names and inline configs from the mixture entries, explicit `losses` wins
+    # config form (loss.losses): option names and inline configs; datasets naming one option share one module
     options = {"cosent": {"_target_": "embedlab.losses.CoSENTLoss", "scale": 30.0}, "mnrl": {"_target_": "embedlab.losses.MultipleNegativesRankingLoss"}}
     routed = LossByDataset(
         default={"_target_": "embedlab.losses.MultipleNegativesRankingLoss"},
-        datasets={"a": {"loss": "cosent"}, "b": {"loss": {"_target_": "embedlab.losses.CosineSimilarityLoss"}}, "c": {"loss": None}, "d": {"loss": "cosent"}},
+        losses={"a": "cosent", "b": {"_target_": "embedlab.losses.CosineSimilarityLoss"}, "c": None, "d": "cosent"},
         options=options,
-        losses={"c": "cosent"},
     )
-    assert routed.loss_for("a") is routed.loss_for("d") is routed.loss_for("c") and routed.loss_for("a").scale == 30.0
-    assert type(routed.loss_for("b")).__name__ == "CosineSimilarityLoss" and routed.loss_for("zzz") is routed.default
-    with pytest.raises(ValueError, match="unknown loss 'cosnet'"):
-        LossByDataset(default=MultipleNegativesRankingLoss(), datasets={"a": {"loss": "cosnet"}}, options=options)
-
-
-def test_per_dataset_losses_need_loss_by_dataset(tmp_path, tiny_data_root):
-    cfg = compose_config("train", ["model=tiny", "data=mixture_example", f"data.root={tiny_data_root}"], tmp_path)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(loss=MultipleNegativesRankingLoss()))
-    with pytest.raises(DataError, match="loss=by_dataset"):
-        dm.train_dataloader()
+    assert routed.loss_for("a") is routed.loss_for("d") and routed.loss_for("a").scale == 30.0
+    assert type(routed.loss_for("b")).__name__ == "CosineSimilarityLoss"
+    assert routed.loss_for("c") is routed.loss_for("zzz") is routed.loss_for(None) is routed.default
+    with pytest.raises(UserError, match=r"^loss\.losses\.a: unknown loss 'cosnet'; options: \['cosent', 'mnrl'\]$"):
+        LossByDataset(default=MultipleNegativesRankingLoss(), losses={"a": "cosnet"}, options=options)
 
 
 def test_mixture_example_trains_with_one_loss_per_dataset(tmp_path, tiny_data_root):
@@ -334,12 +344,12 @@ def test_mixture_example_trains_with_one_loss_per_dataset(tmp_path, tiny_data_ro
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CONFIG_DIR / "trainer" / "ddp_sim.yaml").is_file(), reason="needs trainer=ddp_sim")
 def test_mixture_under_ddp_sim_with_cross_device_negatives(tmp_path, tiny_data_root):
     """2 gloo processes, Lightning's own sampler injection; mnrl gathers across ranks, so a rank drawing another
-    dataset (cosent, no collective) than its peer would hang the run (timeout). ~30-60 s: marked slow."""
+    dataset (cosent, no collective) than its peer would hang the run (timeout). Two processes and a training
+    run: marked slow."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "trainer=ddp_sim", "model=tiny", "data=mixture_example", "loss=by_dataset",
+    cmd = [sys.executable, "train.py", "trainer=ddp_sim", "model=tiny", "experiment=mixture_example",
            "loss.default.gather_across_devices=true", f"data.root={tiny_data_root}", "data.batch_size=2",
            "data.train.datasets.scifact.batch_size=2", "data.train.steps_per_epoch=6", "trainer.max_epochs=1",
            "trainer.log_every_n_steps=1", "logger=csv", "save_model=false", f"hydra.run.dir={out}"]

@@ -1,4 +1,4 @@
-"""Readers: BEIR folders, STS Benchmark files, generic tables and carve_split.
+"""Readers: BEIR folders, STS Benchmark files, generic tables, carve_split, and table sources as tasks.
 
 Small files are written to ``tmp_path``; every error test checks that the message names the file
 (full path), the line or row and the field, since those messages are the readers' user interface.
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from embedlab.data import readers
+from embedlab.data import TableSource
 from embedlab.data.errors import DataError
+from embedlab.data.readers import beir
 from embedlab.data.readers import (
     beir_download,
     beir_training_pairs,
@@ -29,7 +30,8 @@ from embedlab.data.readers import (
     load_table,
     sts_training_pairs,
 )
-from embedlab.data.records import Example
+from embedlab.data.records import Example, RetrievalTask, STSTask, example_ids, text_id
+from embedlab.errors import UserError
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -217,7 +219,7 @@ def test_beir_download_unzips_and_skips_when_present(tmp_path, monkeypatch):
         urls.append(url)
         return _FakeResponse(payload)
 
-    monkeypatch.setattr(readers, "urlopen", fake_urlopen)
+    monkeypatch.setattr(beir, "urlopen", fake_urlopen)
     folder = beir_download("mini", tmp_path / "data")
 
     assert folder == tmp_path / "data" / "mini"
@@ -232,11 +234,11 @@ def test_beir_download_failure_explains_manual_route(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(readers, "urlopen", offline)
+    monkeypatch.setattr(beir, "urlopen", offline)
     with pytest.raises(DataError, match=r"could not fetch BEIR dataset 'scifact' from https://\S+/scifact\.zip: .*no network.*; download .* yourself and unzip it into"):
         beir_download("scifact", tmp_path)
     assert not (tmp_path / "scifact.zip").exists()
-    with pytest.raises(ValueError, match="plain name"):
+    with pytest.raises(DataError, match="plain name"):
         beir_download("../etc", tmp_path)
 
 
@@ -459,11 +461,11 @@ def test_table_file_errors(tmp_path):
 
 def test_load_examples_argument_errors(tmp_path):
     path = write_table(tmp_path / "t.jsonl", PAIR_ROWS)
-    with pytest.raises(ValueError, match="kind must be one of pairs, triplets, scored"):
+    with pytest.raises(DataError, match="kind must be one of pairs, triplets, scored"):
         load_examples(path, kind="quads")
-    with pytest.raises(ValueError, match=r"columns keys \['anchor'\] are not roles of kind 'pairs'"):
+    with pytest.raises(DataError, match=r"columns keys \['anchor'\] are not roles of kind 'pairs'"):
         load_examples(path, columns={"anchor": "query"})
-    with pytest.raises(ValueError, match="format must be one of"):
+    with pytest.raises(DataError, match="format must be one of"):
         load_table(path, format="xlsx")
 
 
@@ -489,6 +491,73 @@ def test_hub_names_go_to_datasets_load_dataset(monkeypatch):
         load_table("owner/all-nli")
     with pytest.raises(DataError, match=r"^could not load 'owner/missing': no local file or folder has that name, .*FileNotFoundError"):
         load_table("owner/missing", split="train")
+
+
+# --------------------------------------------------------------------------------------------------
+# Text ids and table sources as evaluation tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def blake_id(text: str) -> str:
+    """Reference for text ids, written from the definition: "h:" + 8-byte BLAKE2b of the UTF-8 text."""
+    import hashlib
+
+    return "h:" + hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def test_example_ids_use_given_ids_else_text_hashes():
+    e = Example(query="q", positive="p", negatives=["n1", "n2", "n3"], query_id="", positive_id="7", negative_ids=["a", ""])
+    ids = example_ids(e)
+    assert ids == (blake_id("q"), "7", ["a", blake_id("n2"), blake_id("n3")])
+    assert text_id("é") == blake_id("é") != blake_id("e")
+
+
+PAIRS_CSV = [
+    "query,positive,query_id",
+    "what is a cat,a cat is an animal,q1",
+    "what is rain,rain is water,q2",
+    "what is a cat,cats purr,q1",
+    "what is snow,rain is water,",
+]
+
+
+def test_table_source_pairs_as_a_test_task_is_the_hand_built_retrieval_task(tmp_path):
+    path = write_lines(tmp_path / "pairs.csv", PAIRS_CSV)
+    cat, cats, rain = blake_id("a cat is an animal"), blake_id("cats purr"), blake_id("rain is water")
+    snow = blake_id("what is snow")  # an empty query_id cell means no id: the query text's hash
+    expected = RetrievalTask(
+        corpus={cat: "a cat is an animal", rain: "rain is water", cats: "cats purr"},
+        queries={"q1": "what is a cat", "q2": "what is rain", snow: "what is snow"},
+        qrels={"q1": {cat: 1, cats: 1}, "q2": {rain: 1}, snow: {rain: 1}},
+        name="pairs.csv",
+    )
+    assert TableSource(str(path)).task() == expected
+
+    # carving holds out whole queries: q1's two pairs never straddle train and validation
+    for seed in range(4):
+        train, val = TableSource(str(path)).carve(0.5, seed)
+        train_queries = {example_ids(e).query for e in train}
+        assert not train_queries & set(val.queries)
+        assert len(train) + sum(len(docs) for docs in val.qrels.values()) == 4
+        assert train_queries | set(val.queries) == {"q1", "q2", snow}
+
+
+def test_table_source_scored_as_a_test_task_divides_by_score_scale(tmp_path):
+    path = write_lines(tmp_path / "sts.csv", ["sentence1,sentence2,score", "a,b,4.5", "c,d,0", "e,f,2"])
+    task = TableSource(str(path), kind="scored", score_scale=5.0).task()
+    assert task == STSTask(sentences1=["a", "c", "e"], sentences2=["b", "d", "f"], scores=[0.9, 0.0, 0.4], name="sts.csv")
+
+
+def test_table_source_errors_name_file_line_and_field(tmp_path):
+    scored = write_lines(tmp_path / "sts.csv", ["sentence1,sentence2,score", "a,b,4.5", "c,d,many"])
+    with pytest.raises(DataError, match=at(scored, r" line 3: field 'score' is not a number: 'many'$")):
+        TableSource(str(scored), kind="scored", score_scale=5.0).task()
+    pairs = write_lines(tmp_path / "pairs.csv", ["query,answer", "q,a"])
+    # a user error: entry points print the message as one line and exit 1
+    with pytest.raises(UserError, match=at(pairs, r" line 2: missing column 'positive'; columns present: 'query', 'answer'")):
+        TableSource(str(pairs)).task()
+    with pytest.raises(DataError, match=r"^kind must be one of pairs, triplets, scored, got 'pair'$"):
+        TableSource(str(pairs), kind="pair").task()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,7 +590,7 @@ def test_carve_split_groups_by_key_and_rejects_bad_fractions():
     assert len({q for q, _ in carved}) == 2
     assert not {q for q, _ in carved} & {q for q, _ in rest}
     for fraction in (0, 1, -0.5, 1.5):
-        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        with pytest.raises(DataError, match="strictly between 0 and 1"):
             carve_split(pairs, fraction, seed=0)
 
 

@@ -87,7 +87,7 @@ def mine_hard_negatives(
     relative_margin: float | None = 0.05,
     min_score: int = 1,
     batch_size: int = 64,
-    score_function: str = "cos",
+    similarity: str | None = None,
     query_chunk_size: int = 1024,
     corpus_chunk_size: int = 50_000,
     show_progress_bar: bool = True,
@@ -104,6 +104,7 @@ def mine_hard_negatives(
         than ``num_negatives`` when its ranking runs out after filtering (logged).
     """
     check_mining_args(num_negatives, range_min, range_max, relative_margin)
+    similarity = similarity or model.similarity  # None: what the model was trained for
     query_ids = sorted(
         q for q, docs in task.qrels.items() if q in task.queries and any(s >= min_score for s in docs.values())
     )
@@ -121,14 +122,14 @@ def mine_hard_negatives(
                            show_progress_bar=show_progress_bar, desc="encode queries")  # (Q, D)
     # a query's qrels documents never count, so look that many further down the ranking
     extra = max(len(task.qrels[q]) for q in query_ids)
-    scores, indices = exact_search(queries, docs, range_max + extra, score_function,
+    scores, indices = exact_search(queries, docs, range_max + extra, similarity,
                                    query_chunk_size, corpus_chunk_size)  # (Q, k) each
     mined, short = [], 0
     for row, qid in enumerate(query_ids):
         judged = task.qrels[qid]
         positives = [index[d] for d, s in judged.items() if s >= min_score]
-        pos_scores = (prepare_embeddings(docs[positives], score_function)
-                      @ prepare_embeddings(queries[row], score_function)).tolist()  # (P,)
+        pos_scores = (prepare_embeddings(docs[positives], similarity)
+                      @ prepare_embeddings(queries[row], similarity)).tolist()  # (P,)
         neg_ids, neg_scores = select_negatives(
             [corpus_ids[i] for i in indices[row].tolist()], scores[row].tolist(), pos_scores, set(judged),
             num_negatives, range_min, relative_margin, range_max,

@@ -11,10 +11,13 @@ so a user can open the file at that line and fix it without reading embedlab's c
 
 from __future__ import annotations
 
+from embedlab.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input data: a file, row or field that the data layer cannot use.
 
-    It subclasses :class:`ValueError` so callers that already catch ``ValueError`` keep working; catch
+    A :class:`~embedlab.errors.UserError`, so entry points print its message as one line and exit 1. It
+    also subclasses :class:`ValueError` so callers that already catch ``ValueError`` keep working; catch
     ``DataError`` to tell data problems apart from programming errors.
     """

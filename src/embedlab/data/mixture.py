@@ -1,4 +1,4 @@
-"""Dataset mixtures: several named training datasets in one run, each with its weight, batch size, prompts and loss.
+"""Dataset mixtures: several named training datasets in one run, each with its weight, batch size and prompts.
 
 Built from config (``data=mixture``, README "Dataset mixtures")::
 
@@ -7,14 +7,14 @@ Built from config (``data=mixture``, README "Dataset mixtures")::
       temperature: 1.0
       datasets:
         scifact: {source: {_target_: embedlab.data.BeirSource, ...}, weight: null, batch_size: 32}
-        stsb: {source: {_target_: embedlab.data.STSSource, ...}, batch_size: 16, loss: cosent,
+        stsb: {source: {_target_: embedlab.data.STSSource, ...}, batch_size: 16,
                prompt: {query: "sts: ", document: "sts: "}}
 
 The DataModule turns a :class:`Mixture` into one concatenated dataset, a
 :class:`~embedlab.data.samplers.MixtureBatchSampler` (one dataset per step, the same on every rank) and a
 :class:`MixtureCollate` that prefixes the dataset's prompts and names the batch's dataset
-(``batch["dataset"]``), which the LightningModule hands to the loss (``EmbeddedBatch.extras["dataset"]``) so
-``loss=by_dataset`` (:class:`~embedlab.losses.routing.LossByDataset`) picks the dataset's loss.
+(``batch["dataset"]``). The data layer yields data only: a per-dataset loss is set in the loss config
+(``loss=by_dataset loss.losses={stsb: cosent}``), which reads the dataset name from the batch.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ class MixtureSource:
         prompt: ``{query: ..., document: ...}`` prefixes for this dataset's texts (queries / first texts,
             and positives + hard negatives / second texts), added in the data layer on top of any model
             prompt (``model.query_prompt`` / ``model.document_prompt``). ``None`` or a missing key: none.
-        loss: this dataset's loss for ``loss=by_dataset``: a loss option name (``cosent``, ...), an inline
-            loss config, or ``None`` for the default loss. The DataModule only carries it; the loss reads it.
     """
 
     def __init__(
@@ -50,7 +48,6 @@ class MixtureSource:
         weight: float | None = None,
         batch_size: int | None = None,
         prompt: Mapping | None = None,
-        loss: Any = None,
     ) -> None:
         if source is None or not hasattr(source, "examples"):
             raise DataError(f"a mixture dataset needs a `source` with examples() (BeirSource, STSSource, TableSource), got {source!r}")
@@ -63,21 +60,43 @@ class MixtureSource:
             raise DataError(f"a mixture prompt has keys query and document, got {sorted(unknown)}")
         self.query_prompt = prompt.get("query") or ""
         self.document_prompt = prompt.get("document") or ""
-        self.loss = loss
 
     def __repr__(self) -> str:
         return f"MixtureSource({type(self.source).__name__}, weight={self.weight}, batch_size={self.batch_size})"
 
 
-_ENTRY_KEYS = {"source", "weight", "batch_size", "prompt", "loss"}
+_ENTRY_KEYS = ("source", "weight", "batch_size", "prompt")
+
+
+def check_temperature(temperature: Any) -> float:
+    """The mixture sampling temperature as a float, or a DataError: ``p ∝ weight ** (1 / temperature)``
+    needs a positive number."""
+    try:
+        value = None if isinstance(temperature, bool) else float(temperature)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not value > 0:  # `not >` also refuses NaN
+        raise DataError(f"mixture temperature must be a number > 0, got {temperature!r}")
+    return value
+
+
+def _entry_loss_error(name: str, loss: Any) -> DataError:
+    # The data layer yields data only: a loss per dataset belongs to the loss config. Say where it goes,
+    # with the entry's own value when it is an option name.
+    shown = loss if isinstance(loss, str) and loss else "<loss>"
+    return DataError(
+        f"mixture dataset {name!r}: a mixture entry takes no `loss`; set the loss per dataset in the loss config: "
+        f"loss=by_dataset loss.losses={{{name}: {shown}}}"
+    )
 
 
 class Mixture:
     """Named training datasets sampled one per step.
 
     Args:
-        datasets: ``{name: MixtureSource or {source, weight, batch_size, prompt, loss}}`` (order kept: the
-            first is the default evaluation dataset), or a list of one-key mappings.
+        datasets: ``{name: MixtureSource or {source, weight, batch_size, prompt}}`` (order kept: the
+            first is the default evaluation dataset), or a list of one-key mappings. A ``null`` entry is
+            skipped (how a config drops a dataset it inherited).
         temperature: sampling temperature: ``p ∝ weight ** (1 / temperature)``.
         steps_per_epoch: training steps per epoch; ``None``: the sum of every dataset's batches per pass.
         eval_dataset: the dataset a validation split is carved from (``data.val_fraction``) when ``data.val``
@@ -103,16 +122,16 @@ class Mixture:
             if not isinstance(entry, MixtureSource):
                 if not isinstance(entry, Mapping):
                     raise DataError(f"mixture dataset {name!r}: expected a mapping with a `source`, got {entry!r}")
-                unknown = set(entry) - _ENTRY_KEYS
+                if "loss" in entry:
+                    raise _entry_loss_error(str(name), entry["loss"])
+                unknown = set(entry) - set(_ENTRY_KEYS)
                 if unknown:
-                    raise DataError(f"mixture dataset {name!r}: unknown keys {sorted(unknown)} (known: {sorted(_ENTRY_KEYS)})")
+                    raise DataError(f"mixture dataset {name!r}: unknown keys {sorted(unknown)} (known: {', '.join(_ENTRY_KEYS)})")
                 entry = MixtureSource(**entry)
             self.datasets[str(name)] = entry
         if not self.datasets:
             raise DataError("a mixture needs at least one dataset (data.train.datasets)")
-        if temperature is None or not float(temperature) > 0:
-            raise DataError(f"mixture temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature)
         self.steps_per_epoch = steps_per_epoch
         if eval_dataset is not None and eval_dataset not in self.datasets:
             raise DataError(f"mixture eval_dataset {eval_dataset!r} is not one of {list(self.datasets)}")

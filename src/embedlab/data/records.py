@@ -2,11 +2,17 @@
 
 One training record type carries everything later objectives need (hard negatives, teacher scores, ids
 for false-negative masking), so new losses plug in without a new data layer.
+
+A text is named by its id when the data gives one, else by a hash of the text (:func:`example_ids`,
+:func:`text_id`); batching, the no-duplicates sampler and evaluation tasks built from pairs all use that
+one rule, so they agree on which texts are the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass
@@ -33,6 +39,41 @@ class Example:
     negative_ids: list[str] = field(default_factory=list)
     teacher_scores: list[float] | None = None
     known_positive_ids: list[str] = field(default_factory=list, compare=False)
+
+
+def text_id(text: str) -> str:
+    """Stable id of a text that has none: the same text gets the same id in every process and run.
+
+    ``"h:"`` + 16 hex digits of BLAKE2b (Python's ``hash`` is salted per process, so ranks would
+    disagree). The prefix keeps hashed ids apart from dataset ids such as BEIR's ``"1"``.
+    """
+    return "h:" + hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+class ExampleIds(NamedTuple):
+    """The ids of one example's texts: ``query``, ``positive`` and one per hard negative, in order."""
+
+    query: str
+    positive: str
+    negatives: list[str]
+
+
+def example_ids(example: Example) -> ExampleIds:
+    """Each text's id: the example's own id when it has one, else :func:`text_id` of the text.
+
+    The one rule for naming a text, shared by batching (ids for false-negative masking), the
+    no-duplicates sampler and the evaluation tasks built from pairs, so the same text has the same id in
+    all three. An empty id counts as missing; ``negative_ids`` may be shorter than ``negatives`` (the
+    negatives without an id are hashed).
+    """
+    ids = example.negative_ids
+    return ExampleIds(
+        query=example.query_id or text_id(example.query),
+        positive=example.positive_id or text_id(example.positive),
+        negatives=[
+            ids[j] if j < len(ids) and ids[j] else text_id(text) for j, text in enumerate(example.negatives)
+        ],
+    )
 
 
 @dataclass

@@ -4,16 +4,20 @@ A source built from config (``_target_``) offers:
 - ``examples()``: training :class:`Example` records;
 - ``task()``: an evaluation task (:class:`RetrievalTask` or :class:`STSTask`);
 - ``carve(fraction, seed)``: training examples and a held-out evaluation task, for datasets without a
-  validation split (seeded and disjoint: by query for retrieval data, by pair otherwise).
+  validation split (seeded and disjoint: by query when the held-out task is retrieval, by pair for STS).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from embedlab.data import readers
 from embedlab.data.errors import DataError
-from embedlab.data.records import Example, RetrievalTask, STSTask
+from embedlab.data.readers.beir import beir_download, beir_task_pairs, load_beir
+from embedlab.data.readers.hard_negatives import attach_hard_negatives, read_hard_negatives
+from embedlab.data.readers.splits import carve_split
+from embedlab.data.readers.sts import load_sts, sts_training_pairs
+from embedlab.data.readers.tables import load_examples
+from embedlab.data.records import Example, RetrievalTask, STSTask, example_ids
 
 
 class BeirSource:
@@ -42,26 +46,26 @@ class BeirSource:
         self.hard_negatives = None if hard_negatives in (None, "") else Path(hard_negatives)
         self.num_negatives = num_negatives
         if download and not self.folder.is_dir():
-            readers.beir_download(self.name, self.folder.parent)
+            beir_download(self.name, self.folder.parent)
 
     def task(self) -> RetrievalTask:
-        return readers.load_beir(self.folder, split=self.split)
+        return load_beir(self.folder, split=self.split)
 
     def examples(self, query_ids=None, task: RetrievalTask | None = None) -> list[Example]:
         """Training pairs (of ``query_ids`` only, when given); ``task``: this split, if already loaded."""
         task = self.task() if task is None else task
-        pairs = readers.beir_task_pairs(task, self.folder / "qrels" / f"{self.split}.tsv", query_ids)
+        pairs = beir_task_pairs(task, self.folder / "qrels" / f"{self.split}.tsv", query_ids)
         if self.hard_negatives is None:
             return pairs
-        return readers.attach_hard_negatives(
-            pairs, readers.read_hard_negatives(self.hard_negatives), task.corpus, self.num_negatives,
+        return attach_hard_negatives(
+            pairs, read_hard_negatives(self.hard_negatives), task.corpus, self.num_negatives,
             self.hard_negatives,
         )
 
     def carve(self, fraction: float, seed: int) -> tuple[list[Example], RetrievalTask]:
         """Hold out ``fraction`` of the split's queries (with all their qrels) as a validation task."""
         full = self.task()
-        val_ids, train_ids = readers.carve_split(sorted(full.queries), fraction, seed)
+        val_ids, train_ids = carve_split(sorted(full.queries), fraction, seed)
         val_ids = set(val_ids)
         val = RetrievalTask(
             corpus=full.corpus,
@@ -80,13 +84,13 @@ class STSSource:
         self.score_scale = score_scale
 
     def task(self) -> STSTask:
-        return readers.load_sts(self.path, score_scale=self.score_scale)
+        return load_sts(self.path, score_scale=self.score_scale)
 
     def examples(self) -> list[Example]:
-        return readers.sts_training_pairs(self.path, score_scale=self.score_scale)
+        return sts_training_pairs(self.path, score_scale=self.score_scale)
 
     def carve(self, fraction: float, seed: int) -> tuple[list[Example], STSTask]:
-        val, train = readers.carve_split(self.examples(), fraction, seed)
+        val, train = carve_split(self.examples(), fraction, seed)
         return train, examples_to_sts(val, f"{self.path.name}-heldout")
 
 
@@ -115,15 +119,18 @@ class TableSource:
         self.format = format
 
     def examples(self) -> list[Example]:
-        return readers.load_examples(
+        return load_examples(
             self.path, kind=self.kind, columns=self.columns, split=self.split, score_scale=self.score_scale, format=self.format
         )
 
     def task(self) -> RetrievalTask | STSTask:
         return self._as_task(self.examples(), f"{Path(str(self.path)).name}")
 
-    def carve(self, fraction: float, seed: int):
-        val, train = readers.carve_split(self.examples(), fraction, seed)
+    def carve(self, fraction: float, seed: int) -> tuple[list[Example], RetrievalTask | STSTask]:
+        """Hold out ``fraction`` of the pairs as an evaluation task: scored pairs one by one, other kinds
+        by query (all pairs of a query on the same side, so no validation query is trained on)."""
+        key = None if self.kind == "scored" else (lambda e: example_ids(e).query)
+        val, train = carve_split(self.examples(), fraction, seed, key=key)
         return train, self._as_task(val, f"{Path(str(self.path)).name}-heldout")
 
     def _as_task(self, examples: list[Example], name: str):
@@ -139,20 +146,22 @@ def examples_to_sts(examples: list[Example], name: str) -> STSTask:
 
 
 def examples_to_retrieval(examples: list[Example], name: str) -> RetrievalTask:
-    """Each query must find its own positive among all positives (and negatives) of the split."""
-    from embedlab.data.collate import text_id
+    """Each query must find its own positive among all positives (and negatives) of the split.
 
+    Texts are keyed by :func:`~embedlab.data.records.example_ids` (the example's ids, else text hashes),
+    so a query or document that occurs in several pairs is one entry, and a query with several positives
+    has them all in its qrels (relevance 1).
+    """
     corpus: dict[str, str] = {}
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
     for e in examples:
-        qid = e.query_id or text_id(e.query)
-        pid = e.positive_id or text_id(e.positive)
-        queries[qid] = e.query
-        corpus[pid] = e.positive
-        for neg, nid in zip(e.negatives, e.negative_ids or [None] * len(e.negatives)):
-            corpus[nid or text_id(neg)] = neg
-        qrels.setdefault(qid, {})[pid] = 1
+        ids = example_ids(e)
+        queries[ids.query] = e.query
+        corpus[ids.positive] = e.positive
+        for neg, nid in zip(e.negatives, ids.negatives):
+            corpus[nid] = neg
+        qrels.setdefault(ids.query, {})[ids.positive] = 1
     if not queries:
         raise DataError(f"{name}: no pairs to evaluate")
     return RetrievalTask(corpus=corpus, queries=queries, qrels=qrels, name=name)
