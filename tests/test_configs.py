@@ -1,4 +1,4 @@
-"""Every config file composes, and every object in it instantiates (tiny model, tiny data)."""
+"""Every config file composes, and every object in it instantiates with the values the file says (tiny model, tiny data)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
-from embedlab.data import EmbeddingDataModule
+from embedlab.data import DataError, EmbeddingDataModule, RetrievalTask, STSTask
+from embedlab.evaluation.evaluators import RetrievalEvaluator, STSEvaluator
+from embedlab.lightning import BiEncoderModule
 from embedlab.models import BiEncoder
 from embedlab.training import instantiate_list
 from tests.conftest import CONFIG_DIR, compose_config
@@ -21,7 +23,10 @@ def options(group: str) -> list[str]:
 
 def test_every_config_file_is_covered():
     """A new config group or file must be added to the tests below (this list is the contract)."""
-    covered = {"model", "pooling", "loss", "data", "trainer", "logger", "callbacks", "paths", "hydra", "debug", "experiment", "hparams_search", "launcher", "rotation"}
+    covered = {
+        "model", "pooling", "module", "loss", "data", "eval", "post_fit", "trainer", "logger", "callbacks", "paths", "hydra",
+        "debug", "experiment", "hparams_search", "launcher",
+    }  # fmt: skip
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     assert groups == covered
     assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} == {"train", "evaluate", "mine"}
@@ -105,7 +110,7 @@ def test_loss_configs(loss, tmp_path, tiny_data_root):
     terms = fn(batch)
     assert terms["loss"].ndim == 0 and torch.isfinite(terms["loss"])
     terms["loss"].backward()
-    assert batch.query.grad is not None
+    assert batch.query.grad is not None and float(batch.query.grad.abs().sum()) > 0
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -113,15 +118,27 @@ def test_data_configs(data, tmp_path, tiny_data_root):
     overrides = ["model=tiny", f"data={data}", f"data.root={tiny_data_root}"]
     if data == "beir":
         overrides.append("data.name=scifact")
+    table = tmp_path / "pairs.jsonl"
+    table.write_text("".join(f'{{"query": "q{i}", "positive": "p{i}"}}\n' for i in range(10)))
     if data == "pairs":
-        table = tmp_path / "pairs.jsonl"
-        table.write_text("".join(f'{{"query": "q{i}", "positive": "p{i}"}}\n' for i in range(10)))
         overrides.append(f"data.train.path={table}")
+    if data == "file":
+        overrides.append(f"data.test.path={table}")
     cfg = compose_config("train", overrides, tmp_path)
     dm = instantiate(cfg.data)
     assert isinstance(dm, EmbeddingDataModule)
+    if data in ("file", "base"):
+        # evaluation only: no training source; its test task is the file's pairs (or none for the bare base)
+        if data == "file":
+            task = dm.load_test_task()
+            assert sorted(task.queries.values()) == sorted(f"q{i}" for i in range(10))
+        with pytest.raises(DataError, match="data.train is not set: training needs a train source"):
+            dm.setup("fit")
+        return
     dm.setup("fit")
-    assert len(dm.train_examples) > 0 and dm.val_evaluator is not None
+    assert len(dm.train_examples) > 0
+    assert isinstance(dm.val_task, STSTask if data == "stsb" else RetrievalTask)
+    assert cfg.monitor == ("val/spearman_cosine" if data == "stsb" else "val/ndcg@10")
     batch = next(iter(dm.train_dataloader()))
     if data.startswith("mixture"):
         # one dataset per step, each with its own batch size
@@ -131,6 +148,34 @@ def test_data_configs(data, tmp_path, tiny_data_root):
         assert len(batch["query"]) == min(cfg.data.batch_size, len(dm.train_examples))
     if data == "stsb":
         assert batch["scores"] is not None and 0 <= float(batch["scores"].min()) <= float(batch["scores"].max()) <= 1
+
+
+@pytest.mark.parametrize("name", options("module"))
+def test_module_configs(name, tmp_path, tiny_data_root):
+    """The module gets the optimizer, schedule and the `eval` options it builds its evaluators from."""
+    cfg = compose_config("train", ["model=tiny", f"module={name}", "eval.k_values=[1,10]", f"data.root={tiny_data_root}"], tmp_path)
+    module = instantiate(cfg.module, model=instantiate(cfg.model), loss=instantiate(cfg.loss))
+    assert isinstance(module, BiEncoderModule)
+    assert module.optimizer_factory.keywords["lr"] == cfg.module.optimizer.lr
+    assert module.evaluation_options["k_values"] == [1, 10]
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    evaluator = module.build_evaluator(dm.val_task)
+    assert isinstance(evaluator, RetrievalEvaluator) and evaluator.k_values == (1, 10)
+    assert evaluator.similarity == module.model.similarity  # eval.similarity null: the model's
+
+
+@pytest.mark.parametrize("name", options("eval"))
+def test_eval_configs(name, tmp_path, tiny_data_root):
+    from embedlab.evaluation.evaluators import build_evaluator
+
+    cfg = compose_config("evaluate", ["model=tiny", f"eval={name}", "eval.similarity=dot", f"data.root={tiny_data_root}"], tmp_path)
+    task = instantiate(cfg.data.test).task()
+    evaluator = build_evaluator(task, **OmegaConf.to_container(cfg.eval))
+    assert isinstance(evaluator, RetrievalEvaluator)
+    assert evaluator.k_values == tuple(cfg.eval.k_values) and evaluator.similarity == "dot"
+    sts = compose_config("evaluate", ["model=tiny", f"eval={name}", "eval.similarity=cos", "data=stsb", f"data.root={tiny_data_root}"], tmp_path)
+    assert isinstance(build_evaluator(instantiate(sts.data.test).task(), **OmegaConf.to_container(sts.eval)), STSEvaluator)
 
 
 @pytest.mark.parametrize("name", options("trainer") + options("debug"))
@@ -143,6 +188,8 @@ def test_trainer_and_debug_configs(name, tmp_path, tiny_data_root):
     cfg = compose_config("train", ["model=tiny", f"{group}={name}", f"data.root={tiny_data_root}"], tmp_path)
     trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
+    if group == "debug" and name == "fast_dev_run":
+        assert trainer.fast_dev_run
 
 
 @pytest.mark.parametrize("name", options("logger"))
@@ -156,49 +203,77 @@ def test_logger_configs(name, tmp_path, tiny_data_root):
 
 @pytest.mark.parametrize("name", options("callbacks"))
 def test_callback_configs(name, tmp_path, tiny_data_root):
-    cfg = compose_config("train", ["model=tiny", f"callbacks={name}", f"data.root={tiny_data_root}"], tmp_path)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = compose_config("train", ["model=tiny", f"callbacks={name}", "data=stsb", f"data.root={tiny_data_root}"], tmp_path)
     callbacks = instantiate_list(cfg.get("callbacks"))
-    assert len(callbacks) == len(cfg.get("callbacks") or {})
+    assert len(callbacks) == len([c for c in (cfg.get("callbacks") or {}).values() if c])
+    # the best checkpoint follows the data config's validation metric
+    assert {cb.monitor for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor} <= {"val/spearman_cosine"}
 
 
-@pytest.mark.parametrize("name", options("rotation"))
-def test_rotation_configs(name, tmp_path, tiny_data_root):
-    from embedlab.rotation import MatryoshkaRotation
-
-    cfg = compose_config("train", ["model=tiny", f"rotation={name}", f"data.root={tiny_data_root}"], tmp_path)
-    rotation = instantiate(cfg.rotation)
-    assert isinstance(rotation, MatryoshkaRotation)
-    assert rotation.dims == list(cfg.rotation.loss.dims) and rotation.encode_batch_size == cfg.eval.batch_size
-    assert compose_config("train", ["model=tiny", f"data.root={tiny_data_root}"], tmp_path).get("rotation") is None
+@pytest.mark.parametrize("name", options("post_fit"))
+def test_post_fit_configs(name, tmp_path, tiny_data_root):
+    cfg = compose_config("train", ["model=tiny", f"post_fit={name}", "eval.batch_size=7", f"data.root={tiny_data_root}"], tmp_path)
+    stages = instantiate_list(cfg.post_fit)
+    assert len(stages) == 1 and callable(stages[0].run)
+    assert stages[0].dims == list(cfg.post_fit.rotation.loss.dims) and stages[0].encode_batch_size == 7
+    assert compose_config("train", ["model=tiny", f"data.root={tiny_data_root}"], tmp_path).get("post_fit") is None
 
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_configs(name, tmp_path, tiny_data_root):
     cfg = compose_config("train", ["model=tiny", f"experiment={name}", f"data.root={tiny_data_root}"], tmp_path)
-    instantiate(cfg.loss)
+    loss = instantiate(cfg.loss)
     instantiate(cfg.data).setup("fit")
     assert cfg.task_name == name
     if name == "rotation_scifact":
-        assert cfg.rotation.loss.dims == cfg.eval.dims and cfg.model.projection_dim == 384
+        assert cfg.post_fit.rotation.loss.dims == cfg.eval.dims and cfg.model.projection_dim == 384
+    if name == "mixture_example":
+        from embedlab.losses import CoSENTLoss, MultipleNegativesRankingLoss
+
+        assert isinstance(loss.loss_for("stsb"), CoSENTLoss)
+        assert isinstance(loss.loss_for("scifact"), MultipleNegativesRankingLoss)
+    if name == "stsb_cosent":
+        assert cfg.monitor == "val/spearman_cosine"
 
 
 @pytest.mark.parametrize("name", options("hparams_search") + options("launcher"))
 def test_sweep_and_launcher_configs(name, tmp_path, tiny_data_root):
     group = "hparams_search" if name in options("hparams_search") else "launcher"
-    cfg = compose_config("train", ["model=tiny", f"{group}={name}", f"data.root={tiny_data_root}"], tmp_path)
-    assert OmegaConf.select(cfg, "task_name") == "train"
+    cfg = compose_config("train", ["model=tiny", f"{group}={name}", f"data.root={tiny_data_root}"], tmp_path, keep_hydra=True)
+    if group == "hparams_search":
+        params = cfg.hydra.sweeper.params
+        assert params and all(OmegaConf.select(cfg, key, default="missing") != "missing" for key in params)
+    else:
+        target = cfg.hydra.launcher._target_
+        assert target.startswith("hydra_plugins.hydra_submitit_launcher")
+        module_name, cls_name = target.rsplit(".", 1)
+        import importlib
+
+        assert hasattr(importlib.import_module(module_name), cls_name)
 
 
 def test_evaluate_config_composes_with_every_data_option(tmp_path, tiny_data_root):
-    for data in ("scifact", "stsb"):
+    """evaluate.py builds only data.test: its task is the split's (3 test queries; 12 STS pairs), no train path needed."""
+    expected = {"scifact": (RetrievalTask, 3), "stsb": (STSTask, 12)}
+    for data, (kind, size) in expected.items():
         cfg = compose_config("evaluate", ["model=tiny", f"data={data}", f"data.root={tiny_data_root}"], tmp_path)
-        assert instantiate(cfg.data).test_source.task() is not None
+        task = instantiate(cfg.data.test).task()
+        assert isinstance(task, kind)
+        assert (len(task.queries) if kind is RetrievalTask else len(task.scores)) == size
 
 
 def test_paths_default_data_root(tmp_path, monkeypatch):
+    """data_root: $EMBEDLAB_DATA, else ../shared/data beside the project folder, else <project>/data."""
     monkeypatch.delenv("EMBEDLAB_DATA", raising=False)
-    cfg = compose_config("train", ["model=tiny"], tmp_path)
-    expected = Path(cfg.paths.root_dir).parent / "shared" / "data"
-    assert cfg.paths.data_root == str(expected if expected.is_dir() else Path(cfg.paths.root_dir) / "data")
+    with_shared, without = tmp_path / "a" / "proj", tmp_path / "b" / "proj"
+    (tmp_path / "a" / "shared" / "data").mkdir(parents=True)
+    without.mkdir(parents=True)
+    for root, expected in ((with_shared, tmp_path / "a" / "shared" / "data"), (without, without / "data")):
+        cfg = compose_config("train", ["model=tiny"], tmp_path)
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(root)
+        assert Path(cfg.data.root) == expected
     monkeypatch.setenv("EMBEDLAB_DATA", "/some/where")
     assert compose_config("train", ["model=tiny"], tmp_path).data.root == "/some/where"

@@ -21,7 +21,8 @@ from embedlab.losses.base import EmbeddedBatch
 from embedlab.models import BiEncoder, tiny_bi_encoder
 from embedlab.models.dense import Dense
 from embedlab.rotation import MatryoshkaRotation, apply_rotation
-from embedlab.training import _load_state_dict, train
+from embedlab.models.checkpoint import safe_load
+from embedlab.training import train
 from tests.conftest import TOPICS, compose_config
 
 DIMS = [32, 8, 4]
@@ -138,9 +139,9 @@ def test_fold_keeps_a_projection_bias():
 
 def test_errors():
     mnrl = MultipleNegativesRankingLoss()
-    with pytest.raises(ValueError, match=r"rotation.loss must be a Matryoshka loss \(with dims\), got MultipleNegativesRankingLoss"):
+    with pytest.raises(ValueError, match=r"post_fit.rotation.loss must be a Matryoshka loss \(with dims\), got MultipleNegativesRankingLoss"):
         MatryoshkaRotation(mnrl)
-    with pytest.raises(ValueError, match=r"rotation.init must be one of pca, identity, got 'random'"):
+    with pytest.raises(ValueError, match=r"post_fit.rotation.init must be one of pca, identity, got 'random'"):
         MatryoshkaRotation(_loss(), init="random")
     with pytest.raises(ValueError, match=r"rotation needs epochs >= 0, batch_size >= 1 and lr > 0, got 1, 0 and 0.001"):
         MatryoshkaRotation(_loss(), epochs=1, batch_size=0)
@@ -164,12 +165,12 @@ def test_errors():
 
 
 def test_train_tests_the_rotated_best_model(tmp_path, tiny_data_root):
-    """rotation=matryoshka in train(): the rotation is fitted on the best checkpoint, the saved and tested model
+    """post_fit=matryoshka_rotation in train(): the rotation is fitted on the best checkpoint, the saved and tested model
     is that checkpoint rotated, full-width test scores equal the unrotated checkpoint's, and the history and
     rotation/ metrics are written and logged."""
     overrides = [
-        "model=tiny", "model.projection_dim=32", "rotation=matryoshka", "rotation.loss.dims=[32,8]",
-        "rotation.epochs=3", "rotation.batch_size=4", "trainer.max_epochs=1", "data.batch_size=4",
+        "model=tiny", "model.projection_dim=32", "post_fit=matryoshka_rotation", "post_fit.rotation.loss.dims=[32,8]",
+        "post_fit.rotation.epochs=3", "post_fit.rotation.batch_size=4", "trainer.max_epochs=1", "data.batch_size=4",
         "data.val_fraction=0.34", f"data.root={tiny_data_root}", "logger=csv", "trainer.accelerator=cpu",
     ]
     cfg = compose_config("train", overrides, tmp_path)
@@ -183,10 +184,8 @@ def test_train_tests_the_rotated_best_model(tmp_path, tiny_data_root):
 
     rotated = objects["module"].model
     plain = tiny_bi_encoder(seed=cfg.seed, projection_dim=32)
-    plain.load_state_dict({k.removeprefix("model."): v for k, v in _load_state_dict(objects["best_checkpoint"]).items()})
-    datamodule = objects["datamodule"]
-    datamodule.setup("test")
-    unrotated = datamodule.test_evaluator.evaluate(plain, show_progress_bar=False)
+    plain.load_state_dict({k.removeprefix("model."): v for k, v in safe_load(objects["best_checkpoint"])["state_dict"].items()})
+    unrotated = objects["module"].test_evaluator.evaluate(plain, show_progress_bar=False)
     assert metrics["test/ndcg@10"] == pytest.approx(unrotated["test/ndcg@10"], abs=1e-6)  # full width: unchanged
     texts = [t for _, t in TOPICS]
     r = rotated.dense.linear.weight.detach() @ torch.linalg.pinv(plain.dense.linear.weight.detach())

@@ -94,15 +94,6 @@ def all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
 
 
-def all_gather_object_list(items: list) -> list:
-    """Concatenate a picklable list from every rank, in rank order."""
-    if world_size() == 1:
-        return list(items)
-    gathered: list = [None] * world_size()
-    dist.all_gather_object(gathered, list(items))
-    return [x for part in gathered for x in part]
-
-
 def all_gather_objects(obj: Any) -> list:
     """Every rank's ``obj``, in rank order (one ``all_gather_object``)."""
     if world_size() == 1:

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embedlab.data.errors import DataError
-from embedlab.evaluation.evaluators import build_evaluator
+from embedlab.evaluation.evaluators import build_evaluator, with_model_similarity
 from embedlab.evaluation.grid import report_grid
 from embedlab.training import close_loggers, instantiate_list, write_metrics
 
@@ -30,14 +30,19 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Evaluate ``cfg.model`` on ``cfg.data``'s test source; returns (metrics, objects)."""
-    datamodule = instantiate(cfg.data)
-    if datamodule.test_source is None:
-        raise DataError(f"data config {cfg.data.get('name', '')!r} has no test source (data.test) to evaluate on")
-    task = datamodule.test_source.task()
-    evaluator = build_evaluator(task, **OmegaConf.to_container(cfg.eval, resolve=True))
+    """Evaluate ``cfg.model`` on ``cfg.data.test`` with the ``eval`` options; returns (metrics, objects).
 
+    Only the test source is built: a data config whose training path is unset (``data=file``, ``data=pairs``)
+    evaluates as well as a full one.
+    """
+    if cfg.data.get("test") is None:
+        raise DataError(
+            f"data config {cfg.data.get('name', '')!r} has no test source: set data.test "
+            "(e.g. data=file data.test.path=FILE, or a BEIR folder / STS file)"
+        )
+    task = instantiate(cfg.data.test).task()
     model = instantiate(cfg.model).to(resolve_device(cfg.get("device")))
+    evaluator = build_evaluator(task, **with_model_similarity(OmegaConf.to_container(cfg.eval, resolve=True), model))
     start = time.perf_counter()
     metrics = evaluator.evaluate(model, prefix="test/", show_progress_bar=cfg.get("progress_bar", True))
     metrics["test/eval_seconds"] = time.perf_counter() - start
@@ -48,7 +53,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     write_metrics(metrics, output_dir)
     loggers = instantiate_list(cfg.get("logger"))
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
         lg.log_metrics(metrics)
     if evaluator.last_grid:
         files = report_grid(evaluator.last_grid, output_dir, "test_grid", loggers)

@@ -20,18 +20,22 @@ Tuning for Smaller Embedding Dimensions"), restricted to a rotation so the full 
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from embedlab.atomic import atomic_write_text
 from embedlab.data.collate import collate_examples
 from embedlab.data.records import Example
-from embedlab.evaluation.compression import fit_pca, truncate
+from embedlab.evaluation.reduction import fit_pca, truncate
 from embedlab.evaluation.evaluators import RetrievalEvaluator, encode_plan
 from embedlab.losses.base import EmbeddedBatch
 from embedlab.models.dense import IDENTITY, Dense
@@ -98,11 +102,11 @@ class MatryoshkaRotation:
         dims = getattr(loss, "dims", None)
         if not dims:
             raise ValueError(
-                f"rotation.loss must be a Matryoshka loss (with dims), got {type(loss).__name__}: "
-                "set rotation.loss._target_=embedlab.losses.MatryoshkaLoss"
+                f"post_fit.rotation.loss must be a Matryoshka loss (with dims), got {type(loss).__name__}: "
+                "set post_fit.rotation.loss._target_=embedlab.losses.MatryoshkaLoss"
             )
         if init not in INITS:
-            raise ValueError(f"rotation.init must be one of {', '.join(INITS)}, got {init!r}")
+            raise ValueError(f"post_fit.rotation.init must be one of {', '.join(INITS)}, got {init!r}")
         if epochs < 0 or batch_size < 1 or not lr > 0:
             raise ValueError(
                 f"rotation needs epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size} and {lr}"
@@ -115,6 +119,20 @@ class MatryoshkaRotation:
         self.init = init
         self.encode_batch_size = int(encode_batch_size)
         self.seed = int(seed)
+
+    # ------------------------------------------------------------------ the post-fit stage
+    def run(self, module, datamodule, trainer) -> dict[str, float]:
+        """Post-fit stage (``post_fit=matryoshka_rotation``): fit on ``datamodule``'s training examples and the
+        module's validation evaluator, fold the rotation into ``module.model``, write ``rotation_history.csv``
+        (rank 0); returns the ``rotation/...`` metrics.
+
+        Every rank fits the same rotation (same data, same seed), so DDP ranks stay identical without a broadcast.
+        """
+        result = self.fit(module.model, datamodule.train_examples, module.val_evaluator)
+        apply_rotation(module.model, result.rotation)
+        if trainer.is_global_zero:
+            _write_history(result.history, Path(trainer.default_root_dir) / "rotation_history.csv")
+        return result.metrics()
 
     # ------------------------------------------------------------------ fitting
     def fit(self, model, examples: Sequence[Example], val_evaluator: RetrievalEvaluator | None = None) -> RotationResult:
@@ -206,6 +224,15 @@ class MatryoshkaRotation:
 
 def _describe(row: dict[str, float]) -> str:
     return ", ".join(f"{k.split('@dim')[-1]}d {v:.4f}" for k, v in row.items() if k.startswith("val/")) or "no validation"
+
+
+def _write_history(rows: list[dict[str, float]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def apply_rotation(model, rotation: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""``train(cfg)``: build everything from the Hydra config, fit, test the best checkpoint, save the model.
+"""``train(cfg)``: build everything from the Hydra config, fit, run post-fit stages, test the best weights, save.
 
 Importable and returning ``(metrics, objects)`` so tests drive it with a composed config; ``train.py`` is a
 thin Hydra entry point around it.
@@ -16,6 +16,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from embedlab.atomic import atomic_write_text
+from embedlab.models.checkpoint import safe_load
+
 log = logging.getLogger(__name__)
 
 
@@ -27,91 +30,116 @@ def instantiate_list(cfg: DictConfig | None) -> list:
 
 
 def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
-    """Write a flat ``metrics.json`` (floats only) into ``output_dir``."""
+    """Write a flat ``metrics.json`` (floats only) into ``output_dir``, atomically (never half-written)."""
     path = Path(output_dir) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: float(v) for k, v in sorted(metrics.items())}
-    path.write_text(json.dumps(flat, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(flat, indent=2) + "\n")
     return path
 
 
-def close_loggers(loggers: list) -> None:
-    """Finalize loggers; W&B runs are finished so the offline run folder holds its summary and config."""
+def close_loggers(loggers: list, status: str = "success") -> None:
+    """Finalize loggers; W&B runs are finished so the offline run folder holds its summary and config
+    (``status="failed"``: the run is marked failed, and what was logged before the error is kept)."""
     for lg in loggers:
-        lg.finalize("success")
+        lg.finalize(status)
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
             if wandb.run is not None:
-                wandb.finish()
+                wandb.finish(exit_code=0 if status == "success" else 1)
 
 
-def _drop_monitors_without_validation(callbacks: list) -> list:
-    """Without a validation split nothing can be monitored: checkpoint the last step, stop no early."""
+def partial_validation(trainer_cfg: DictConfig) -> str | None:
+    """Why validation will see only part of its task (a Trainer debugging flag), or ``None`` when it sees all."""
+    if trainer_cfg.get("fast_dev_run"):
+        return f"fast_dev_run={trainer_cfg.fast_dev_run}"
+    if trainer_cfg.get("overfit_batches"):
+        return f"overfit_batches={trainer_cfg.overfit_batches}"
+    limit = trainer_cfg.get("limit_val_batches")
+    # Lightning: a float is a fraction of the batches (1.0: all), an int a number of batches
+    if limit is not None and not (isinstance(limit, float) and limit == 1.0):
+        return f"limit_val_batches={limit}"
+    return None
+
+
+def drop_monitors(callbacks: list, reason: str) -> list:
+    """Without complete validation metrics nothing can be monitored: keep the last checkpoint, stop no early."""
     kept = []
     for cb in callbacks:
         if isinstance(cb, EarlyStopping):
-            log.warning("no validation split: early stopping disabled")
+            log.warning("%s: early stopping on %s is off", reason, cb.monitor)
             continue
         if isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
-            log.warning("no validation split: checkpointing the last step instead of the best %s", cb.monitor)
+            log.warning("%s: keeping the last checkpoint instead of the best by %s", reason, cb.monitor)
             cb.monitor = None
-            cb.save_top_k = 1
+            cb.save_top_k = 0  # no "best" file: it would only be the last one under another name
         kept.append(cb)
     return kept
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit the model of ``cfg``, test the best checkpoint, save it in sentence-transformers format.
+    """Fit the module of ``cfg``, run the post-fit stages and test on the best weights, save the model.
 
-    Returns the metrics written to ``<output_dir>/metrics.json`` and the objects built (cfg, datamodule,
-    module, trainer, model_dir) for tests and scripts.
+    Every object comes from its config group (``data``, ``model``, ``loss``, ``module``, ``trainer``,
+    ``callbacks``, ``logger``, ``post_fit``); nothing here knows a model family. Returns the metrics written to
+    ``<output_dir>/metrics.json`` and the objects built (cfg, datamodule, module, trainer, model_dir,
+    best_checkpoint) for tests and scripts. ``val/*`` metrics are those of the validation the checkpoint
+    selected (the best by ``monitor``; the last without one), so the optimized metric is the best value.
     """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-
     log.info("data <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-
     log.info("model <%s> from %s", cfg.model._target_, cfg.model.get("path", "random init"))
     model = instantiate(cfg.model)
     loss = instantiate(cfg.loss)
     module = instantiate(cfg.module, model=model, loss=loss)
-    module.model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
 
     callbacks = instantiate_list(cfg.get("callbacks"))
-    if datamodule.val_evaluator is None:
-        callbacks = _drop_monitors_without_validation(callbacks)
+    partial = "no validation split" if not datamodule.has_validation else partial_validation(cfg.trainer)
+    if partial:
+        callbacks = drop_monitors(callbacks, partial)
     loggers = instantiate_list(cfg.get("logger"))
     if not loggers:
         # LearningRateMonitor refuses to run without a logger; the LR is then simply not recorded
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
-    # GradCache (manual optimization) clips and accumulates in the module: it takes those Trainer flags over
-    overrides = module.trainer_overrides(cfg.trainer) if hasattr(module, "trainer_overrides") else {}
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **module.trainer_overrides(cfg.trainer)
+    )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
+    try:
+        metrics, best, model_dir = _fit_test_save(cfg, datamodule, module, trainer, loggers)
+    except BaseException:
+        close_loggers(loggers, "failed")
+        raise
+    close_loggers(loggers)
+    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "model_dir": model_dir, "best_checkpoint": best}
+    return metrics, objects
+
+
+def _fit_test_save(cfg: DictConfig, datamodule, module, trainer: L.Trainer, loggers: list) -> tuple[dict[str, float], str | None, Path | None]:
+    """Fit, select the best validation, run the post-fit stages, test, save: ``(metrics, best checkpoint, model dir)``."""
+    output_dir = Path(cfg.paths.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    restore = best  # the checkpoint still to load into `module` before testing and saving
-    if cfg.get("rotation"):
-        # the rotation is fitted on the best weights, so restore them first and test the rotated model as is
-        if restore:
-            module.load_state_dict(_load_state_dict(restore))
-            restore = None
-        metrics.update(_fit_rotation(cfg, module, datamodule, output_dir, trainer.is_global_zero))
+    if checkpoint is not None and checkpoint.monitor:
+        selected = module.best_validation(checkpoint.monitor, checkpoint.mode)
+        if selected is not None:
+            metrics.update({k: v for k, v in selected.items() if k.startswith("val/")})
+            metrics["val/best_epoch"] = selected["epoch"]
+    if best:
+        # the best weights are the ones every later stage, the test and the saved model use
+        module.load_state_dict(safe_load(best)["state_dict"])
+    for stage in instantiate_list(cfg.get("post_fit")):
+        metrics.update(stage.run(module, datamodule, trainer))
     if cfg.get("test") and datamodule.test_source is not None:
-        # ckpt_path="best" restores the best weights into `module`, so the model saved below is the best one
-        trainer.test(module, datamodule=datamodule, ckpt_path=restore, weights_only=False)
+        trainer.test(module, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    elif restore:
-        module.load_state_dict(_load_state_dict(restore))
 
     model_dir = None
     if trainer.is_global_zero:
@@ -120,38 +148,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.info("saved model to %s", model_dir)
         write_metrics(metrics, output_dir)
         for lg in loggers:
-            lg.log_metrics({k: v for k, v in metrics.items() if k.startswith(("test/", "rotation/"))})
-    close_loggers(loggers)
-    objects = {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "model_dir": model_dir, "best_checkpoint": best}
-    return metrics, objects
-
-
-def _fit_rotation(cfg: DictConfig, module, datamodule, output_dir: Path, write: bool) -> dict[str, float]:
-    """Fit ``cfg.rotation`` on the training examples, fold it into ``module.model``; ``rotation/...`` metrics.
-
-    Every rank fits the same rotation (same data, same seed), so DDP ranks stay identical without a broadcast.
-    """
-    from embedlab.rotation import apply_rotation
-
-    rotation = instantiate(cfg.rotation)
-    result = rotation.fit(module.model, datamodule.train_examples, datamodule.val_evaluator)
-    apply_rotation(module.model, result.rotation)
-    if write:
-        _write_history(result.history, output_dir / "rotation_history.csv")
-    return result.metrics()
-
-
-def _write_history(rows: list[dict[str, float]], path: Path) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _load_state_dict(path: str) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            # train/* and val/* were logged during fitting; val/best_epoch says which validation was selected
+            lg.log_metrics({k: v for k, v in metrics.items() if not k.startswith(("train/", "val/")) or k == "val/best_epoch"})
+    return metrics, best, model_dir

@@ -1,20 +1,24 @@
-"""LightningDataModule: training examples plus validation/test evaluators, from config-built sources."""
+"""LightningDataModule: training examples and the validation / test tasks, from config-built sources."""
 
 from __future__ import annotations
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
-from embedlab.data.collate import EncodeBatches, ExampleDataset, collate_examples, identity_collate
+from embedlab.data.collate import ExampleDataset, collate_examples
 from embedlab.data.errors import DataError
 from embedlab.data.mixture import Mixture, MixtureCollate, MixtureDataset
+from embedlab.data.records import RetrievalTask, STSTask
 from embedlab.data.samplers import DuplicateKeys, MixtureBatchSampler, NoDuplicatesBatchSampler
-from embedlab.evaluation.evaluators import build_evaluator
 
 
 class EmbeddingDataModule(L.LightningDataModule):
-    """Training pairs/triplets/scored pairs and the evaluation tasks that validate and test on them.
+    """Training pairs/triplets/scored pairs, and the tasks (retrieval or STS) that validate and test on them.
+
+    The data layer yields data only: ``train_examples`` (and ``mixture_examples`` by dataset), ``val_task`` and
+    ``test_task``. What to encode and how to score a task is the evaluating module's business, so the
+    validation/test loaders come from the LightningModule being fitted (its ``val_dataloader`` /
+    ``test_dataloader``, built from these tasks by its evaluator).
 
     Args:
         train / val / test: sources (``BeirSource``, ``STSSource``, ``TableSource``) or ``None``; ``train``
@@ -27,9 +31,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         no_duplicates: batches never hold the same query or document twice (nor one example's positive as
             another's hard negative): :class:`~embedlab.data.samplers.NoDuplicatesBatchSampler`, or the same
             rule inside each mixture dataset's batches.
-        eval: options of the evaluators (``k_values``, ``score_function``, ``batch_size``, ...).
         root: the data folder the sources' paths are built from (kept for logging).
-        monitor / monitor_mode: the validation metric (and its direction) that model selection uses.
+        name: the dataset's name (kept for logging).
     """
 
     def __init__(
@@ -43,38 +46,46 @@ class EmbeddingDataModule(L.LightningDataModule):
         shuffle: bool = True,
         drop_last: bool = False,
         num_workers: int = 0,
-        eval: dict | None = None,
         root: str | None = None,
         name: str | None = None,
-        monitor: str | None = None,
-        monitor_mode: str = "max",
         no_duplicates: bool = False,
     ) -> None:
         super().__init__()
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.train_source, self.val_source, self.test_source = train, val, test
-        self.val_fraction = val_fraction
+        self.val_fraction = float(val_fraction)
         self.seed = seed
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.num_workers = num_workers
-        self.eval_options = dict(eval or {})
         self.root = root
         self.name = name
-        self.monitor, self.monitor_mode = monitor, monitor_mode
         self.no_duplicates = no_duplicates
         self.train_examples = None
         # mixtures: the examples of each dataset, by name (train_examples is their concatenation)
         self.mixture_examples: dict[str, list] | None = None
-        self.val_evaluator = None
-        self.test_evaluator = None
+        self.val_task: RetrievalTask | STSTask | None = None
+        self.test_task: RetrievalTask | STSTask | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether fitting will have a validation task (known before :meth:`setup` reads any file)."""
+        return self.val_source is not None or self.val_fraction > 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_examples is None:
             self._setup_fit()
-        if stage in ("test", None) and self.test_evaluator is None and self.test_source is not None:
-            self.test_evaluator = build_evaluator(self.test_source.task(), **self.eval_options)
+        if stage in ("test", None) and self.test_task is None:
+            self.test_task = self.load_test_task()
+
+    def load_test_task(self) -> RetrievalTask | STSTask:
+        """The test source's task; an exact error when the data config has none."""
+        if self.test_source is None:
+            raise DataError(f"data config {self.name or ''!r} has no test source: set data.test (a BEIR folder, STS file or table)")
+        return self.test_source.task()
 
     def _setup_fit(self) -> None:
         if self.train_source is None:
@@ -96,42 +107,31 @@ class EmbeddingDataModule(L.LightningDataModule):
             self.train_examples = self.train_source.examples()
         if not self.train_examples:
             raise DataError("the training split has no examples")
-        if val_task is not None:
-            self.val_evaluator = build_evaluator(val_task, **self.eval_options)
+        self.val_task = val_task
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        # The custom batch samplers are BatchSampler subclasses built here, inside the hook: under DDP with
-        # use_distributed_sampler=True Lightning rebuilds them with sampler=DistributedSampler(...), which
-        # they read for rank / world size / epoch only (embedlab.data.samplers); both settings work.
-        if self.mixture_examples is not None:
-            return self._mixture_dataloader()
-        if self.no_duplicates:
-            sampler = NoDuplicatesBatchSampler(
-                keys=DuplicateKeys(self.train_examples),
-                batch_size=self.batch_size,
-                drop_last=self.drop_last,
-                shuffle=self.shuffle,
-                seed=self.seed,
-            )
-            return DataLoader(
-                ExampleDataset(self.train_examples),
-                batch_sampler=sampler,
-                num_workers=self.num_workers,
-                collate_fn=collate_examples,
-            )
-        return DataLoader(
-            ExampleDataset(self.train_examples),
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            drop_last=self.drop_last,
-            num_workers=self.num_workers,
-            collate_fn=collate_examples,
-        )
+        # Every training order is a batch sampler planned from (seed, epoch) alone (embedlab.data.samplers), built
+        # here inside the hook: under DDP with use_distributed_sampler=True Lightning rebuilds it with
+        # sampler=DistributedSampler(...), which it reads for rank / world size / epoch only. A resumed fit
+        # starts at its checkpoint's (epoch, batch) position (embedlab.lightning.resume); None on a fresh fit.
+        from embedlab.data.samplers import ShuffleBatchSampler, planned_loader
+        from embedlab.lightning.resume import resume_position
 
-    def _mixture_dataloader(self) -> DataLoader:
+        start = resume_position(self.trainer)
+        if self.mixture_examples is not None:
+            return self._mixture_dataloader(start)
+        order = dict(batch_size=self.batch_size, drop_last=self.drop_last, shuffle=self.shuffle, seed=self.seed, start=start)
+        if self.no_duplicates:
+            sampler = NoDuplicatesBatchSampler(keys=DuplicateKeys(self.train_examples), **order)
+        else:
+            sampler = ShuffleBatchSampler(n=len(self.train_examples), **order)
+        return planned_loader(ExampleDataset(self.train_examples), sampler, collate_examples, self.num_workers)
+
+    def _mixture_dataloader(self, start=None) -> DataLoader:
+        from embedlab.data.samplers import planned_loader
+
         mixture: Mixture = self.train_source
-        self._check_mixture_losses(mixture)
         entries = [mixture.datasets[name] for name in mixture.names]
         parts = [self.mixture_examples[name] for name in mixture.names]
         sampler = MixtureBatchSampler(
@@ -144,33 +144,14 @@ class EmbeddingDataModule(L.LightningDataModule):
             seed=self.seed,
             keys=[DuplicateKeys(p) for p in parts] if self.no_duplicates else None,
             names=mixture.names,
+            start=start,
         )
         collate = MixtureCollate(mixture.names, [e.query_prompt for e in entries], [e.document_prompt for e in entries])
-        return DataLoader(MixtureDataset(parts), batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate)
+        return planned_loader(MixtureDataset(parts), sampler, collate, self.num_workers)
 
-    def _check_mixture_losses(self, mixture: Mixture) -> None:
-        """Per-dataset losses need ``loss=by_dataset``: refuse to train a mixture that would silently ignore them."""
-        named = {name: e.loss for name, e in mixture.datasets.items() if e.loss is not None}
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        loss = getattr(module, "loss", None)
-        if not named or not isinstance(loss, torch.nn.Module):
-            return
-        from embedlab.losses.routing import LossByDataset
-
-        if not any(isinstance(m, LossByDataset) for m in loss.modules()):
-            raise DataError(
-                f"mixture datasets {sorted(named)} set their own loss, but the loss is {type(loss).__name__}: "
-                "use loss=by_dataset (or set their `loss` to null)"
-            )
-
+    # the module that evaluates knows what to encode or score for a task: its evaluator builds these loaders
     def val_dataloader(self):
-        return self._encode_loader(self.val_evaluator)
+        return self.trainer.lightning_module.val_dataloader()
 
     def test_dataloader(self):
-        return self._encode_loader(self.test_evaluator)
-
-    def _encode_loader(self, evaluator) -> DataLoader | list:
-        if evaluator is None:
-            return []
-        batches = EncodeBatches(evaluator.encode_plan(), self.eval_options.get("batch_size", 64))
-        return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=identity_collate, num_workers=0)
+        return self.trainer.lightning_module.test_dataloader()

@@ -1,5 +1,6 @@
-"""LightningModules (steps, logging, optimizers) around the plain model components."""
+"""LightningModules (steps, logging, optimizers, their evaluation) around the plain model components."""
 
+from embedlab.lightning.base import EmbedlabModule, NonFiniteLossError
 from embedlab.lightning.module import BiEncoderModule
 
-__all__ = ["BiEncoderModule"]
+__all__ = ["BiEncoderModule", "EmbedlabModule", "NonFiniteLossError"]

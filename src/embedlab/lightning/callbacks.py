@@ -7,7 +7,7 @@ import logging
 import lightning as L
 import torch
 
-from embedlab.evaluation.compression import fit_pca
+from embedlab.evaluation.reduction import fit_pca
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
-"""The bi-encoder LightningModule: training steps, evaluation steps, optimizers, logging.
+"""The bi-encoder LightningModule: training steps, its evaluators' encoding steps, optimizers, logging.
 
 Model components (``embedlab.models``) and losses (``embedlab.losses``) are plain modules; this class only
 wires them: embed a batch once into an :class:`EmbeddedBatch`, hand it to the loss, log each named term
-as ``train/<term>``; during validation/test, embed the evaluator's texts step by step and compute the
-metrics once at epoch end (``val/ndcg@10``, ``test/spearman_cosine``, ...).
+as ``train/<term>``; during validation/test, embed the texts its evaluator asks for (the evaluator is built
+here from the data's task and the ``eval`` options: :class:`~embedlab.lightning.base.EmbedlabModule`) step by
+step and compute the metrics once at epoch end (``val/ndcg@10``, ``test/spearman_cosine``, ...).
 
 Two training paths:
 - plain (default): automatic optimization; Lightning runs backward, accumulation, clipping, the step.
@@ -20,6 +21,7 @@ on every rank.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from contextlib import nullcontext
@@ -27,12 +29,18 @@ from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
 from embedlab import distributed
+from embedlab.data.collate import EncodeBatches, identity_collate
+from embedlab.evaluation.evaluators import build_evaluator, with_model_similarity
 from embedlab.evaluation.grid import report_grid
+from embedlab.lightning.base import EmbedlabModule
 from embedlab.lightning.grad_cache import find_mini_batch_size, grad_cache_backward
 from embedlab.losses.base import EmbeddedBatch
 from embedlab.models.bi_encoder import BiEncoder
+
+log = logging.getLogger(__name__)
 
 # evaluation metrics are computed once (rank 0) and logged with the same value on every rank, so there is
 # nothing to reduce; Lightning still suggests sync_dist for every epoch-level value under DDP
@@ -42,7 +50,7 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders. During `trainer.test\(\)`")
 
 
-class BiEncoderModule(L.LightningModule):
+class BiEncoderModule(EmbedlabModule):
     """Train a :class:`BiEncoder` with any embedding loss.
 
     Args:
@@ -59,9 +67,9 @@ class BiEncoderModule(L.LightningModule):
             the Trainer config's values here (:meth:`trainer_overrides`). Accumulation sums the gradients
             of ``accumulate_grad_batches`` batches (each loss divided by it) before one optimizer step,
             exactly as automatic optimization does; it adds no in-batch negatives.
-
-    ``model_cfg`` (set by ``train``) is the model's config; it is stored in checkpoints under
-    ``"embedlab_model_cfg"`` so ``evaluate.py model.path=x.ckpt`` can rebuild the model.
+        lr_multipliers: ``{parameter-name prefix: factor}`` on the optimizer's lr (:meth:`_param_groups`).
+        evaluation: the ``eval`` options of the evaluators built from the data's validation/test tasks;
+            ``similarity: null`` there means the model's own similarity.
     """
 
     def __init__(
@@ -75,13 +83,13 @@ class BiEncoderModule(L.LightningModule):
         gradient_clip_algorithm: str = "norm",
         accumulate_grad_batches: int = 1,
         lr_multipliers: Mapping[str, float] | None = None,
+        evaluation: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(evaluation)
         self.model = model.train()  # from_pretrained leaves HF models in eval mode: dropout off
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.model_cfg: dict | None = None
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.grad_cache_mini_batch_size = grad_cache_mini_batch_size or find_mini_batch_size(loss)
         if self.grad_cache_mini_batch_size is not None and self.grad_cache_mini_batch_size < 1:
@@ -138,15 +146,9 @@ class BiEncoderModule(L.LightningModule):
             terms = self.loss(self.embed_batch(batch))
         else:
             terms = self._grad_cache_step(batch, batch_idx)
-        self._log_train_terms(terms, len(batch["query"]))
+        # the GradCache step checked its terms before stepping the optimizer
+        self.log_train_terms(terms, len(batch["query"]), check=self.automatic_optimization)
         return terms["loss"]
-
-    def _log_train_terms(self, terms: dict[str, torch.Tensor], batch_size: int) -> None:
-        # under DDP each rank's term covers its local queries; their mean over ranks is the global batch's
-        # value (with cross-device negatives: exactly the single-process loss of the global batch)
-        sync = distributed.world_size() > 1
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size, sync_dist=sync)
 
     # ------------------------------------------------------------------ GradCache (manual optimization)
     def _grad_cache_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -162,6 +164,7 @@ class BiEncoderModule(L.LightningModule):
                 backward=self.manual_backward,
                 loss_scale=1.0 / self.accumulate_grad_batches,
             )
+        self.check_finite(terms)  # before the optimizer step: a NaN must not reach the weights
         if self._ends_accumulation(batch_idx):
             # the one gradient all-reduce of this optimizer step (DDP's, done by hand after no_sync)
             distributed.all_reduce_mean_gradients(self.parameters())
@@ -198,6 +201,14 @@ class BiEncoderModule(L.LightningModule):
             )
 
     # ------------------------------------------------------------------ evaluation
+    def build_evaluator(self, task):
+        return build_evaluator(task, **with_model_similarity(self.evaluation_options, self.model))
+
+    def evaluation_dataloader(self, evaluator) -> DataLoader:
+        """The evaluator's texts in encoding batches ({key, kind, index, texts}); Lightning shards them under DDP."""
+        batches = EncodeBatches(evaluator.encode_plan(), evaluator.batch_size)
+        return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=identity_collate, num_workers=0)
+
     def _eval_step(self, batch: dict) -> None:
         emb = self.embed(batch["texts"], batch["kind"]).float()
         self._eval_outputs.setdefault(batch["key"], []).append((batch["index"].cpu(), emb.cpu()))
@@ -216,15 +227,14 @@ class BiEncoderModule(L.LightningModule):
 
     def _finish_eval(self, stage: str) -> None:
         outputs, self._eval_outputs = self._eval_outputs, {}
-        datamodule = self.trainer.datamodule
-        evaluator = datamodule.val_evaluator if stage == "val" else datamodule.test_evaluator
+        evaluator = self.evaluators.get(stage)
         # every decision before the gather must be the same on all ranks (a rank may hold no batch at all)
         if self.trainer.sanity_checking or evaluator is None:
             return
         if distributed.world_size() == 1 and not outputs:
             return
         embeddings = {}
-        complete = True
+        seen_texts = total_texts = 0
         for req in evaluator.encode_plan():
             index, emb = self._gather_eval_rows(outputs.get(req.key, []))
             out = torch.zeros(len(req.texts), self.model.embedding_dim)
@@ -232,10 +242,14 @@ class BiEncoderModule(L.LightningModule):
             # DistributedSampler pads with repeated batches: writes by index are idempotent
             out[index] = emb
             seen[index] = True
-            # limit_val_batches / fast_dev_run cut the epoch short: scoring part of the texts is meaningless
-            complete = complete and bool(seen.all())
+            seen_texts, total_texts = seen_texts + int(seen.sum()), total_texts + len(req.texts)
             embeddings[req.key] = out
-        if not complete:
+        if seen_texts < total_texts:
+            # limit_val_batches / fast_dev_run cut the epoch short: metrics of part of a corpus would mislead
+            log.warning(
+                "%s: %d of %d texts were encoded (limit_%s_batches / fast_dev_run): no %s metrics", stage, seen_texts, total_texts,
+                stage, stage,
+            )
             return
         metrics = None
         if self.trainer.is_global_zero:
@@ -244,9 +258,7 @@ class BiEncoderModule(L.LightningModule):
                 stem = f"{stage}_grid" if stage == "test" else f"{stage}_grid_epoch{self.current_epoch:03d}"
                 report_grid(evaluator.last_grid, self.trainer.default_root_dir, stem, self.trainer.loggers)
         metrics = distributed.broadcast_object(metrics, src=0)
-        for name, value in metrics.items():
-            # the same value on every rank: nothing to average (sync_dist off keeps it bit-identical)
-            self.log(name, value, prog_bar=name.endswith("ndcg@10") or name.endswith("spearman_cosine"), sync_dist=False)
+        self.log_evaluation(stage, metrics)
 
     def _gather_eval_rows(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (index, embedding) rows of one request -> every rank's, on CPU."""
@@ -259,9 +271,6 @@ class BiEncoderModule(L.LightningModule):
         index = distributed.all_gather_variable(index.to(self.device)).cpu()
         emb = distributed.all_gather_variable(emb.to(self.device)).cpu()
         return index, emb
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["embedlab_model_cfg"] = self.model_cfg
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self):

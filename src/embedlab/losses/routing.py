@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from embedlab.errors import UserError
 from embedlab.losses.base import EmbeddedBatch
 
 
@@ -39,11 +40,8 @@ class LossByDataset(nn.Module):
 
     Args:
         default: the loss of batches without a dataset-specific one (a module or a config with ``_target_``).
-        losses: ``{dataset name: loss}``; a loss is a module, a config with ``_target_``, or the name of one
-            of ``options``. Overrides what ``datasets`` says.
-        datasets: the mixture's entries (``data.train.datasets``), whose ``loss`` key (a name of ``options``,
-            an inline config, or ``None`` = default) is used for datasets not in ``losses``. This is how the
-            config wires it: ``loss=by_dataset`` reads ``${data.train.datasets}``.
+        losses: ``{dataset name: loss}`` (the names of the mixture's datasets, ``data.train.datasets``); a loss
+            is a module, a config with ``_target_``, or the name of one of ``options``; ``None``: ``default``.
         options: ``{name: loss}`` that names refer to (the config lists mnrl, cosent, cosine, contrastive,
             triplet from ``configs/loss``); only the ones used are built.
     """
@@ -52,20 +50,12 @@ class LossByDataset(nn.Module):
         self,
         default: Any,
         losses: Mapping[str, Any] | None = None,
-        datasets: Mapping[str, Any] | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         options = dict(options or {})
         self.default = _build(default)
-        wanted: dict[str, Any] = {}
-        for name, entry in (datasets or {}).items():
-            if entry is None:
-                continue
-            loss = entry.get("loss") if isinstance(entry, Mapping) else getattr(entry, "loss", None)
-            if loss is not None:
-                wanted[str(name)] = loss
-        wanted.update({str(k): v for k, v in (losses or {}).items() if v is not None})
+        wanted = {str(k): v for k, v in (losses or {}).items() if v is not None}
 
         built: dict[str, nn.Module] = {}  # option name -> module, so datasets naming one option share it
         self.routes: dict[str, str] = {}  # dataset name -> key in self.by_key
@@ -73,7 +63,7 @@ class LossByDataset(nn.Module):
         for dataset, spec in wanted.items():
             if isinstance(spec, str):
                 if spec not in options:
-                    raise ValueError(f"dataset {dataset!r}: unknown loss {spec!r}; options: {sorted(options)}")
+                    raise UserError(f"loss.losses.{dataset}: unknown loss {spec!r}; options: {sorted(options)}")
                 if spec not in built:
                     built[spec] = _build(options[spec])
                 module = built[spec]
