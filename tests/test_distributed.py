@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from embedlab import distributed
-from embedlab.data.collate import collate_examples, text_id
+from embedlab.data.collate import collate_examples
+from embedlab.data.records import text_id
 from embedlab.data.records import Example
 from embedlab.losses import EmbeddedBatch, MultipleNegativesRankingLoss
 from embedlab.losses.contrastive import false_negative_mask

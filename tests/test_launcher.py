@@ -38,10 +38,13 @@ def test_slurm_config_has_the_submitit_fields_and_lightning_requeue(tmp_path, ti
     assert launcher["timeout_min"] == 240 and launcher["max_num_timeout"] == 0
     assert launcher["additional_parameters"] == {"signal": "USR1@120"}
     # Lightning's SLURM environment requeues on SIGUSR1, the signal the sbatch flag asks for
-    (env,) = [instantiate(p) for p in cfg.trainer.plugins]
+    io, env = [instantiate(p) for p in cfg.trainer.plugins]
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    from embedlab.lightning.checkpoint_io import SafeCheckpointIO
+
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal == signal.SIGUSR1
+    assert isinstance(io, SafeCheckpointIO)  # the launcher's plugin list keeps the default checkpoint IO
 
 
 def test_slurm_launcher_writes_one_usr1_signal_flag(tmp_path, tiny_data_root, monkeypatch):

@@ -43,6 +43,10 @@ def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:
+        # some filesystems (FUSE, SMB) refuse fsync on a folder: the rename is still atomic, only its
+        # durability across a power loss is not promised there
+        pass
     finally:
         os.close(fd)
 

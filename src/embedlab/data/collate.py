@@ -6,19 +6,13 @@ the data layer never needs the tokenizer and the same dataset serves any model.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from embedlab.data.errors import DataError
-from embedlab.data.records import Example
-
-
-def text_id(text: str) -> str:
-    """Stable id of a text without one: the same text gets the same id in every process and run."""
-    return "h:" + hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+from embedlab.data.records import Example, example_ids
 
 
 class ExampleDataset(Dataset):
@@ -43,19 +37,16 @@ def collate_examples(examples: list[Example]) -> dict:
     has_scores = [e.score is not None for e in examples]
     if any(has_scores) and not all(has_scores):
         raise DataError("some examples in a batch have a score and others do not")
+    all_ids = [example_ids(e) for e in examples]  # the data's ids, else text hashes
     batch = {
         "query": [e.query for e in examples],
         "positive": [e.positive for e in examples],
         "negatives": [t for e in examples for t in e.negatives] if n else None,
         "num_negatives": n,
         "scores": torch.tensor([float(e.score) for e in examples]) if all(has_scores) else None,
-        "query_ids": [e.query_id or text_id(e.query) for e in examples],
-        "positive_ids": [e.positive_id or text_id(e.positive) for e in examples],
-        "negative_ids": [
-            (e.negative_ids[j] if j < len(e.negative_ids) and e.negative_ids[j] else text_id(t))
-            for e in examples
-            for j, t in enumerate(e.negatives)
-        ],
+        "query_ids": [ids.query for ids in all_ids],
+        "positive_ids": [ids.positive for ids in all_ids],
+        "negative_ids": [n for ids in all_ids for n in ids.negatives],
         "known_positive_ids": [list(e.known_positive_ids) for e in examples],
     }
     if examples[0].teacher_scores is not None:

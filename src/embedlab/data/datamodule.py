@@ -9,7 +9,14 @@ from embedlab.data.collate import ExampleDataset, collate_examples
 from embedlab.data.errors import DataError
 from embedlab.data.mixture import Mixture, MixtureCollate, MixtureDataset
 from embedlab.data.records import RetrievalTask, STSTask
-from embedlab.data.samplers import DuplicateKeys, MixtureBatchSampler, NoDuplicatesBatchSampler
+from embedlab.data.samplers import (
+    DuplicateKeys,
+    MixtureBatchSampler,
+    NoDuplicatesBatchSampler,
+    ShuffleBatchSampler,
+    TrainPosition,
+    planned_loader,
+)
 
 
 class EmbeddingDataModule(L.LightningDataModule):
@@ -68,6 +75,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.mixture_examples: dict[str, list] | None = None
         self.val_task: RetrievalTask | STSTask | None = None
         self.test_task: RetrievalTask | STSTask | None = None
+        # where a resumed fit's training batches start; set from the checkpoint (embedlab.lightning.resume)
+        self.train_start: TrainPosition | None = None
 
     @property
     def has_validation(self) -> bool:
@@ -114,23 +123,19 @@ class EmbeddingDataModule(L.LightningDataModule):
         # Every training order is a batch sampler planned from (seed, epoch) alone (embedlab.data.samplers), built
         # here inside the hook: under DDP with use_distributed_sampler=True Lightning rebuilds it with
         # sampler=DistributedSampler(...), which it reads for rank / world size / epoch only. A resumed fit
-        # starts at its checkpoint's (epoch, batch) position (embedlab.lightning.resume); None on a fresh fit.
-        from embedlab.data.samplers import ShuffleBatchSampler, planned_loader
-        from embedlab.lightning.resume import resume_position
-
-        start = resume_position(self.trainer)
+        # starts at ``train_start``, its checkpoint's (epoch, batch) position; None on a fresh fit.
         if self.mixture_examples is not None:
-            return self._mixture_dataloader(start)
-        order = dict(batch_size=self.batch_size, drop_last=self.drop_last, shuffle=self.shuffle, seed=self.seed, start=start)
+            return self._mixture_dataloader(self.train_start)
+        order = dict(
+            batch_size=self.batch_size, drop_last=self.drop_last, shuffle=self.shuffle, seed=self.seed, start=self.train_start
+        )
         if self.no_duplicates:
             sampler = NoDuplicatesBatchSampler(keys=DuplicateKeys(self.train_examples), **order)
         else:
             sampler = ShuffleBatchSampler(n=len(self.train_examples), **order)
         return planned_loader(ExampleDataset(self.train_examples), sampler, collate_examples, self.num_workers)
 
-    def _mixture_dataloader(self, start=None) -> DataLoader:
-        from embedlab.data.samplers import planned_loader
-
+    def _mixture_dataloader(self, start: TrainPosition | None = None) -> DataLoader:
         mixture: Mixture = self.train_source
         entries = [mixture.datasets[name] for name in mixture.names]
         parts = [self.mixture_examples[name] for name in mixture.names]

@@ -1,6 +1,6 @@
 """Training batch samplers that plan *global* batches: the same plan on every rank, each rank takes its slice.
 
-Both samplers here decide, for an epoch, the list of global batches (indices into the training dataset) from
+Every sampler here decides, for an epoch, the list of global batches (indices into the training dataset) from
 the seed and the epoch alone, so every DDP rank computes the identical plan without communicating; rank ``r``
 of ``W`` then yields the ``r``-th contiguous slice of each global batch. A global batch holds
 ``batch_size x W`` examples (``batch_size`` is per device, as ``data.batch_size`` is with Lightning's
@@ -8,6 +8,7 @@ DistributedSampler), and its length is always a multiple of ``W``, so every rank
 batches of the same size -- collectives inside the loss (cross-device negatives) never wait on a rank that
 ran out.
 
+- :class:`ShuffleBatchSampler`: one shuffled pass over the data per epoch (the default training order).
 - :class:`NoDuplicatesBatchSampler`: one pass over the data per epoch; an example whose query or document
   id is already in the global batch is deferred to the next batch (``data.no_duplicates=true``).
 - :class:`MixtureBatchSampler`: several datasets; each step draws ONE dataset (all ranks draw the same one)
@@ -20,20 +21,40 @@ does *not* leave custom batch samplers alone. With ``use_distributed_sampler=Tru
 ``DistributedSampler`` passed as ``sampler`` only tells them the rank, the world size and the epoch (its own
 order is ignored). With ``use_distributed_sampler=False`` they read the rank and world size from
 ``torch.distributed`` and the epoch from their own :class:`EpochCounter`. Either way the result is the same.
+
+Resuming mid-epoch: because an epoch's plan is a function of (seed, epoch) alone, the position in the data
+is two integers, :class:`TrainPosition` ``(epoch, batch)``. A sampler built with ``start=TrainPosition(e, k)``
+plans epoch ``e`` (even before Lightning's first ``set_epoch``) and skips its first ``k`` batches, so the run
+continues with batch ``k`` exactly as the uninterrupted run would have. ``len()`` counts the whole epoch,
+skipped batches included: Lightning resumes its batch index at ``k`` (see ``__len__`` for which epoch it
+measures). Later epochs are not skipped. Who records the position and hands it over on resume:
+:mod:`embedlab.lightning.resume`.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
+import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from embedlab.data.errors import DataError
-from embedlab.data.records import Example
+from embedlab.data.mixture import check_temperature
+from embedlab.data.records import Example, example_ids
+
+
+class TrainPosition(NamedTuple):
+    """Where training stands: ``batch`` batches of epoch ``epoch`` are trained on (0-based epoch).
+
+    The end of an epoch is written as the start of the next one, ``(epoch + 1, 0)``.
+    """
+
+    epoch: int
+    batch: int
 
 
 class EpochCounter(Sampler[int]):
@@ -79,8 +100,6 @@ class DuplicateKeys:
     """
 
     def __init__(self, examples: Sequence[Example]) -> None:
-        from embedlab.data.collate import text_id
-
         table: dict[tuple[str, str], int] = {}
 
         def code(space: str, value: str) -> int:
@@ -89,16 +108,9 @@ class DuplicateKeys:
         self.anchors: list[tuple[int, ...]] = []
         self.negatives: list[tuple[int, ...]] = []
         for e in examples:
-            q = code("q", e.query_id or text_id(e.query))
-            p = code("d", e.positive_id or text_id(e.positive))
-            self.anchors.append((q, p))
-            if e.negatives:
-                ids = e.negative_ids or []
-                self.negatives.append(
-                    tuple(code("d", ids[j] if j < len(ids) and ids[j] else text_id(t)) for j, t in enumerate(e.negatives))
-                )
-            else:
-                self.negatives.append(())
+            ids = example_ids(e)
+            self.anchors.append((code("q", ids.query), code("d", ids.positive)))
+            self.negatives.append(tuple(code("d", n) for n in ids.negatives))
         self.has_negatives = any(self.negatives)
 
     def __len__(self) -> int:
@@ -144,6 +156,18 @@ class _BatchState:
             self.all_ids.update(self.keys.negatives[j])
 
 
+def planned_loader(dataset: Dataset, batch_sampler: "_GlobalBatchSampler", collate_fn, num_workers: int = 0) -> DataLoader:
+    """The training DataLoader over one of these samplers.
+
+    It gets a private torch generator (seeded like the sampler): creating a DataLoader iterator draws the
+    workers' base seed from the loader's generator, by default the global one, so without it the global
+    stream (dropout masks) would depend on when Lightning creates the epoch's iterator, and a resumed run
+    (which creates it before restoring the RNG states) would drift from the uninterrupted one.
+    """
+    generator = torch.Generator().manual_seed(batch_sampler.seed)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn, generator=generator)
+
+
 def _trim(batch: list[int], world: int) -> list[int]:
     return batch[: len(batch) - len(batch) % world]
 
@@ -152,24 +176,34 @@ class _GlobalBatchSampler(BatchSampler):
     """Base: ``plan(epoch, world)`` -> the epoch's global batches; ``__iter__`` yields this rank's slices.
 
     ``sampler``: ``None`` (an :class:`EpochCounter` is made), or whatever Lightning injects (a
-    ``DistributedSampler``: rank, world size and epoch are read from it).
+    ``DistributedSampler``: rank, world size and epoch are read from it). ``start``: the
+    :class:`TrainPosition` a resumed run continues from (see the module docstring), or ``None``.
     """
 
-    def __init__(self, sampler: Sampler | None, n: int, batch_size: int, drop_last: bool, seed: int) -> None:
+    def __init__(
+        self, sampler: Sampler | None, n: int, batch_size: int, drop_last: bool, seed: int, start: TrainPosition | None = None
+    ) -> None:
         # BatchSampler.__init__ is not called: there is no per-index sampler to batch
         self.sampler = sampler if sampler is not None else EpochCounter(n)
         self.n = n
         self.batch_size = int(batch_size)
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
+        self.start = None if start is None else TrainPosition(int(start[0]), int(start[1]))
+        if self.start is not None and (self.start.epoch < 0 or self.start.batch < 0):
+            raise ValueError(f"start must be a non-negative (epoch, batch), got {tuple(start)}")
         self._epoch: int | None = None
         self._cache: tuple[tuple[int, int], list[list[int]]] | None = None
 
     @property
     def epoch(self) -> int:
-        if self._epoch is not None:
-            return self._epoch
-        return int(getattr(self.sampler, "epoch", 0))
+        """The epoch being iterated: the one last set, or a resumed run's until a later one is set."""
+        # a resumed run iterates before Lightning's first set_epoch (the sampler still says 0): epochs only go forward
+        return max(self._set_epoch, self.start.epoch) if self.start is not None else self._set_epoch
+
+    @property
+    def _set_epoch(self) -> int:
+        return self._epoch if self._epoch is not None else int(getattr(self.sampler, "epoch", 0))
 
     def set_epoch(self, epoch: int) -> None:
         """For use without Lightning (Lightning calls ``set_epoch`` on ``.sampler``)."""
@@ -182,25 +216,75 @@ class _GlobalBatchSampler(BatchSampler):
     def plan(self, epoch: int, world: int) -> list[list[int]]:
         raise NotImplementedError
 
-    def global_batches(self, world: int | None = None) -> list[list[int]]:
-        """This epoch's global batches (cached per epoch and world size)."""
+    def global_batches(self, world: int | None = None, epoch: int | None = None) -> list[list[int]]:
+        """The global batches of ``epoch`` (default: this epoch), cached per epoch and world size."""
         if world is None:
             world = replica_info(self.sampler)[1]
-        key = (self.epoch, world)
+        key = (self.epoch if epoch is None else epoch, world)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.plan(*key))
         return self._cache[1]
 
     def __iter__(self) -> Iterator[list[int]]:
         rank, world = replica_info(self.sampler)
-        for batch in self.global_batches(world):
+        batches = self.global_batches(world)
+        # resuming inside this epoch: its first start.batch batches were trained on before the checkpoint
+        skip = self.start.batch if self.start is not None and self.start.epoch == self.epoch else 0
+        for batch in batches[skip:]:
             yield local_slice(batch, rank, world)
 
     def __len__(self) -> int:
-        return len(self.global_batches())
+        """Batches of the epoch last set, including those a resumed run skips (Lightning counts them as done).
+
+        Lightning reads it once, before its first ``set_epoch``, as ``num_training_batches`` (the LR schedule's
+        length, the cut-off of longer epochs): an uninterrupted run measures epoch 0 there, so a resumed run must
+        too, even though it iterates the start epoch (the epochs of a no-duplicates plan differ in length).
+        """
+        return len(self.global_batches(epoch=self._set_epoch))
 
 
-class NoDuplicatesBatchSampler(_GlobalBatchSampler):
+class ShuffleBatchSampler(_GlobalBatchSampler):
+    """Plain batches: one pass per epoch in a (seed, epoch)-shuffled order, cut into global batches.
+
+    What ``DataLoader(shuffle=True)`` does, with the order a function of (seed, epoch) instead of the global
+    torch random state, so a resumed run knows it. The last global batch may be short (dropped with
+    ``drop_last``); under DDP it is cut to a multiple of the world size (at most ``W - 1`` examples dropped).
+
+    Args:
+        sampler: ``None`` or Lightning's injected DistributedSampler (see the module docstring).
+        n: examples in the dataset.
+        batch_size: per device; a global batch holds ``batch_size x world_size`` examples.
+        shuffle: ``False``: dataset order every epoch.
+        start: the position a resumed run continues from.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler | None = None,
+        *,
+        n: int,
+        batch_size: int,
+        drop_last: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        start: TrainPosition | None = None,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(sampler, int(n), batch_size, drop_last, seed, start)
+        self.shuffle = shuffle
+
+    def order(self, epoch: int) -> list[int]:
+        """The epoch's order of the examples: a (seed, epoch) permutation, or the dataset order."""
+        return self.rng(epoch).permutation(self.n).tolist() if self.shuffle else list(range(self.n))
+
+    def plan(self, epoch: int, world: int) -> list[list[int]]:
+        order, size = self.order(epoch), self.batch_size * world
+        batches = [_trim(order[i : i + size], world) for i in range(0, self.n, size)]
+        return [b for b in batches if b and not (self.drop_last and len(b) < size)]
+
+
+class NoDuplicatesBatchSampler(ShuffleBatchSampler):
     """Batches without a duplicate query or document (see :class:`DuplicateKeys`), one pass per epoch.
 
     Examples are taken in (shuffled) order; one that clashes with the batch being filled is deferred and
@@ -216,26 +300,16 @@ class NoDuplicatesBatchSampler(_GlobalBatchSampler):
         sampler: ``None`` or Lightning's injected DistributedSampler (see the module docstring).
         keys: :class:`DuplicateKeys` of the dataset (or the examples themselves).
         batch_size: per device; a global batch holds ``batch_size x world_size`` examples.
+        start: the position a resumed run continues from.
     """
 
-    def __init__(
-        self,
-        sampler: Sampler | None = None,
-        *,
-        keys: DuplicateKeys | Sequence[Example],
-        batch_size: int,
-        drop_last: bool = False,
-        shuffle: bool = True,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, sampler: Sampler | None = None, *, keys: DuplicateKeys | Sequence[Example], **order) -> None:
         keys = keys if isinstance(keys, DuplicateKeys) else DuplicateKeys(keys)
-        super().__init__(sampler, len(keys), batch_size, drop_last, seed)
+        super().__init__(sampler, n=len(keys), **order)
         self.keys = keys
-        self.shuffle = shuffle
 
     def plan(self, epoch: int, world: int) -> list[list[int]]:
-        order = self.rng(epoch).permutation(self.n).tolist() if self.shuffle else list(range(self.n))
-        return pack_without_duplicates(order, self.keys, self.batch_size * world, world, self.drop_last)
+        return pack_without_duplicates(self.order(epoch), self.keys, self.batch_size * world, world, self.drop_last)
 
 
 def pack_without_duplicates(
@@ -313,6 +387,7 @@ class MixtureBatchSampler(_GlobalBatchSampler):
         weights: per dataset, a weight or ``None`` (see above).
         steps_per_epoch: global steps per epoch; ``None``: the sum of the datasets' batches per pass.
         keys: per dataset :class:`DuplicateKeys` (or ``None``) to keep duplicate ids out of a batch.
+        start: the position a resumed run continues from.
     """
 
     def __init__(
@@ -328,6 +403,7 @@ class MixtureBatchSampler(_GlobalBatchSampler):
         seed: int = 0,
         keys: Sequence[DuplicateKeys | None] | None = None,
         names: Sequence[str] | None = None,
+        start: TrainPosition | None = None,
     ) -> None:
         self.sizes = [int(s) for s in sizes]
         self.batch_sizes = [int(b) for b in batch_sizes]
@@ -343,14 +419,12 @@ class MixtureBatchSampler(_GlobalBatchSampler):
         for name, w in zip(self.names, self.weights):
             if w is not None and not float(w) > 0:
                 raise DataError(f"mixture dataset {name!r}: weight must be > 0 (or null), got {w}")
-        if not float(temperature) > 0:
-            raise DataError(f"mixture temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature)
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.shuffle = shuffle
         self.keys = list(keys) if keys is not None else [None] * len(self.sizes)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int).tolist()
-        super().__init__(sampler, sum(self.sizes), max(self.batch_sizes), False, seed)
+        super().__init__(sampler, sum(self.sizes), max(self.batch_sizes), False, seed, start)
 
     def global_sizes(self, world: int) -> list[int]:
         """Per dataset: examples per global batch (per-device batch x world, capped by the dataset size)."""
