@@ -1,4 +1,4 @@
-"""Evaluate a bi-encoder on retrieval (BEIR) or STS data: `python evaluate.py [overrides]` (see README)."""
+"""Evaluate a bi-encoder on retrieval (BEIR) or STS data: `python evaluate.py [overrides]` (docs/evaluation.md)."""
 
 from omegaconf import DictConfig
 

@@ -1,4 +1,4 @@
-"""Mine hard negatives for a BEIR training split: `python mine.py [overrides]` (see README "Hard-negative mining")."""
+"""Mine hard negatives for a BEIR training split: `python mine.py [overrides]` (docs/hard_negatives.md)."""
 
 from omegaconf import DictConfig
 

@@ -1,4 +1,4 @@
-"""Train a bi-encoder: `python train.py [overrides]` (see README)."""
+"""Train a bi-encoder: `python train.py [overrides]` (docs/configuration.md)."""
 
 from omegaconf import DictConfig
 

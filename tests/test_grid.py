@@ -200,3 +200,16 @@ def test_grid_memory_bounded_on_200k_corpus():
         naive = _naive_cell(task, queries, corpus, lambda x: x[:, :d], "float32", top_k=10)
         assert metrics[f"recall@10@dim{d}"] == pytest.approx(naive["recall@10"], abs=1e-12), d
         assert metrics[f"ndcg@10@dim{d}"] == pytest.approx(naive["ndcg@10"], abs=1e-12), d
+
+
+def test_grid_report_with_other_k_values(tmp_path):
+    """eval.k_values without 10 and 100: the report tabulates and plots the metrics the run has."""
+    task, q, c = _synthetic(n_docs=60, n_queries=6, dim=16)
+    evaluator = RetrievalEvaluator(task, k_values=(1, 5), top_k=5, dims=(16, 8), precisions=("float32", "int8"))
+    evaluator.compute({"query": q, "document": c})
+    files = report_grid(evaluator.last_grid, tmp_path, "grid", [])
+    rows = list(csv.DictReader(files["csv"].open()))
+    cell = next(c for c in evaluator.last_grid if (c.dim, c.precision) == (8, "int8"))
+    row = next(r for r in rows if (r["dim"], r["precision"]) == ("8", "int8"))
+    assert float(row["ndcg@5"]) == pytest.approx(cell.metrics["ndcg@5"], abs=1e-9)
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

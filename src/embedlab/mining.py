@@ -11,7 +11,7 @@ relevant documents nobody labelled (false negatives), so two filters drop the ri
 
 The result is a JSONL file, one line per query: ``{"query_id", "negative_ids", "negative_scores"}``, best
 first. ``BeirSource(hard_negatives=FILE, num_negatives=n)`` attaches the first ``n`` to every training pair of
-the query. ``python mine.py`` runs :func:`mine` from a config (README "Hard-negative mining").
+the query. ``python mine.py`` runs :func:`mine` from a config (docs/hard_negatives.md).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 from embedlab.data.errors import DataError
 from embedlab.data.records import RetrievalTask
+from embedlab.errors import ConfigError
 from embedlab.evaluation.search import exact_search, prepare_embeddings
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,15 @@ class MinedNegatives:
 
 def check_mining_args(num_negatives: int, range_min: int, range_max: int, relative_margin: float | None) -> None:
     if num_negatives < 1:
-        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        raise ConfigError(f"num_negatives must be >= 1, got {num_negatives}")
     if range_min < 0:
-        raise ValueError(f"range_min must be >= 0, got {range_min}")
+        raise ConfigError(f"range_min must be >= 0, got {range_min}")
     if range_max < range_min + num_negatives:
-        raise ValueError(
+        raise ConfigError(
             f"range_max must be >= range_min + num_negatives ({range_min} + {num_negatives}), got {range_max}"
         )
     if relative_margin is not None and not 0.0 <= relative_margin < 1.0:
-        raise ValueError(f"relative_margin must be in [0, 1) or null, got {relative_margin}")
+        raise ConfigError(f"relative_margin must be in [0, 1) or null, got {relative_margin}")
 
 
 def select_negatives(

@@ -35,8 +35,9 @@ from torch import nn
 from embedlab.atomic import atomic_write_text
 from embedlab.data.collate import collate_examples
 from embedlab.data.records import Example
-from embedlab.evaluation.reduction import fit_pca, truncate
+from embedlab.errors import ConfigError
 from embedlab.evaluation.evaluators import RetrievalEvaluator, encode_plan
+from embedlab.evaluation.reduction import fit_pca, truncate
 from embedlab.losses.base import EmbeddedBatch
 from embedlab.models.dense import IDENTITY, Dense
 
@@ -101,14 +102,14 @@ class MatryoshkaRotation:
     ) -> None:
         dims = getattr(loss, "dims", None)
         if not dims:
-            raise ValueError(
+            raise ConfigError(
                 f"post_fit.rotation.loss must be a Matryoshka loss (with dims), got {type(loss).__name__}: "
                 "set post_fit.rotation.loss._target_=embedlab.losses.MatryoshkaLoss"
             )
         if init not in INITS:
-            raise ValueError(f"post_fit.rotation.init must be one of {', '.join(INITS)}, got {init!r}")
+            raise ConfigError(f"post_fit.rotation.init must be one of {', '.join(INITS)}, got {init!r}")
         if epochs < 0 or batch_size < 1 or not lr > 0:
-            raise ValueError(
+            raise ConfigError(
                 f"rotation needs epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size} and {lr}"
             )
         self.loss = loss
@@ -138,19 +139,19 @@ class MatryoshkaRotation:
     def fit(self, model, examples: Sequence[Example], val_evaluator: RetrievalEvaluator | None = None) -> RotationResult:
         """Encode ``examples`` (and the validation set) once with ``model``; fit and select the rotation."""
         if not examples:
-            raise ValueError("rotation: no training examples to fit on")
+            raise ConfigError("rotation: no training examples to fit on")
         if val_evaluator is not None and not isinstance(val_evaluator, RetrievalEvaluator):
-            raise ValueError(
+            raise ConfigError(
                 f"rotation selects its epoch by retrieval nDCG@10; the validation set is {type(val_evaluator).__name__}: "
                 "use a retrieval (BEIR) validation set, or none"
             )
         if val_evaluator is not None and 10 not in val_evaluator.k_values:
-            raise ValueError(
+            raise ConfigError(
                 f"rotation selects its epoch by validation nDCG@10: eval.k_values must include 10, got {list(val_evaluator.k_values)}"
             )
         too_big = [d for d in self.dims if d > model.embedding_dim]
         if too_big:
-            raise ValueError(f"rotation: matryoshka dims {too_big} exceed the model's embedding size {model.embedding_dim}")
+            raise ConfigError(f"rotation: matryoshka dims {too_big} exceed the model's embedding size {model.embedding_dim}")
         started = time.perf_counter()
         queries = list(dict.fromkeys(e.query for e in examples))
         documents = list(dict.fromkeys(t for e in examples for t in (e.positive, *e.negatives)))

@@ -1,6 +1,6 @@
 """Dataset mixtures: several named training datasets in one run, each with its weight, batch size and prompts.
 
-Built from config (``data=mixture``, README "Dataset mixtures")::
+Built from config (``data=mixture``, docs/mixtures.md)::
 
     train:
       _target_: embedlab.data.mixture.Mixture

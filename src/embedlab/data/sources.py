@@ -18,6 +18,7 @@ from embedlab.data.readers.splits import carve_split
 from embedlab.data.readers.sts import load_sts, sts_training_pairs
 from embedlab.data.readers.tables import load_examples
 from embedlab.data.records import Example, RetrievalTask, STSTask, example_ids
+from embedlab.errors import ConfigError
 
 
 class BeirSource:
@@ -42,7 +43,7 @@ class BeirSource:
         self.split = split
         self.name = name or self.folder.name
         if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+            raise ConfigError(f"num_negatives must be >= 1, got {num_negatives}")
         self.hard_negatives = None if hard_negatives in (None, "") else Path(hard_negatives)
         self.num_negatives = num_negatives
         if download and not self.folder.is_dir():

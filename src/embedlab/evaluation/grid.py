@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from embedlab.errors import ConfigError
 from embedlab.evaluation.quantize import binary_quantize, fit_scalar_quantizer
 from embedlab.evaluation.quantized_search import binary_rescore_search, hamming_search, scalar_search
 from embedlab.evaluation.reduction import fit_pca, truncate
@@ -99,12 +100,12 @@ class CompressionGrid:
     ) -> None:
         unknown = [p for p in precisions if p not in PRECISIONS]
         if unknown:
-            raise ValueError(f"unknown precision(s) {unknown}; valid: {', '.join(PRECISIONS)}")
+            raise ConfigError(f"unknown precision(s) {unknown}; valid: {', '.join(PRECISIONS)}")
         if rescore_with not in RESCORE_WITH:
-            raise ValueError(f"rescore_with must be one of {', '.join(RESCORE_WITH)}, got {rescore_with!r}")
+            raise ConfigError(f"rescore_with must be one of {', '.join(RESCORE_WITH)}, got {rescore_with!r}")
         check_similarity(similarity)
         if search not in SEARCHES:
-            raise ValueError(f"search must be one of {', '.join(map(repr, SEARCHES))}, got {search!r}")
+            raise ConfigError(f"search must be one of {', '.join(map(repr, SEARCHES))}, got {search!r}")
         self.dims = [int(d) for d in dims or []]
         self.pca = [int(k) for k in pca or []]
         self.precisions = list(precisions)
@@ -221,7 +222,8 @@ def report_grid(cells: list[GridCell], folder: str | Path, stem: str, loggers=()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = [m for m in metric_names if m in cells[0].metrics]
+    # the preferred metrics the run has; with other k_values (no @10 / @100), the ones it has
+    names = [m for m in metric_names if m in cells[0].metrics] or list(cells[0].metrics)
     columns, rows = grid_rows(cells, names)
     csv_path = folder / f"{stem}.csv"
     with csv_path.open("w", newline="") as f:

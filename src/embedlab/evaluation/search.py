@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from embedlab.errors import ConfigError
+
 SIMILARITIES = ("cos", "dot")
 
 #: Default chunk sizes of every search (and of the evaluator): one float32 score block is 1024 x 50_000 x 4 bytes.
@@ -54,9 +56,9 @@ def check_2d(name: str, x: torch.Tensor) -> None:
 def check_search_args(top_k: int, query_chunk_size: int, corpus_chunk_size: int) -> None:
     """The checks every chunked top-k search shares (float, int8, Hamming, FAISS)."""
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
     if query_chunk_size < 1 or corpus_chunk_size < 1:
-        raise ValueError(
+        raise ConfigError(
             f"chunk sizes must be >= 1, got query_chunk_size={query_chunk_size}, "
             f"corpus_chunk_size={corpus_chunk_size}"
         )
@@ -64,19 +66,19 @@ def check_search_args(top_k: int, query_chunk_size: int, corpus_chunk_size: int)
 
 def check_similarity(similarity: str) -> None:
     if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {', '.join(map(repr, SIMILARITIES))}, got {similarity!r}")
+        raise ConfigError(f"similarity must be one of {', '.join(map(repr, SIMILARITIES))}, got {similarity!r}")
 
 
 def _check_inputs(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor, top_k: int,
                   similarity: str, query_chunk_size: int, corpus_chunk_size: int) -> None:
     check_similarity(similarity)
     if query_embeddings.dim() != 2 or corpus_embeddings.dim() != 2:
-        raise ValueError(
+        raise ConfigError(
             "query_embeddings and corpus_embeddings must be 2-D (num_texts, dim), got shapes "
             f"{tuple(query_embeddings.shape)} and {tuple(corpus_embeddings.shape)}"
         )
     if query_embeddings.shape[1] != corpus_embeddings.shape[1]:
-        raise ValueError(
+        raise ConfigError(
             f"embedding dims differ: queries {query_embeddings.shape[1]}, corpus {corpus_embeddings.shape[1]}"
         )
     check_search_args(top_k, query_chunk_size, corpus_chunk_size)
@@ -258,7 +260,7 @@ def require_faiss():
     try:
         import faiss
     except ImportError as err:  # optional dependency
-        raise ImportError("search=faiss needs faiss: pip install faiss-cpu (or embedlab[faiss])") from err
+        raise ConfigError("search=faiss needs faiss: pip install faiss-cpu (or embedlab[faiss])") from err
     return faiss
 
 

@@ -7,6 +7,7 @@ import logging
 import lightning as L
 import torch
 
+from embedlab.errors import ConfigError
 from embedlab.evaluation.reduction import fit_pca
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class PCAProjectionInit(L.Callback):
 
     def __init__(self, max_texts: int = 20_000, batch_size: int = 64) -> None:
         if max_texts < 2:
-            raise ValueError(f"max_texts must be at least 2, got {max_texts}")
+            raise ConfigError(f"max_texts must be at least 2, got {max_texts}")
         self.max_texts = int(max_texts)
         self.batch_size = int(batch_size)
         self.explained_variance_ratio: torch.Tensor | None = None  # (projection_dim,) after the fit
@@ -40,12 +41,12 @@ class PCAProjectionInit(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.model
         if getattr(model, "dense", None) is None:
-            raise ValueError(
+            raise ConfigError(
                 "PCAProjectionInit needs a model with a projection layer: set model.projection_dim "
                 "(e.g. model.projection_dim=384 for a rotation of a 384-d model)"
             )
         if model.dense.out_features > model.dense.in_features:
-            raise ValueError(
+            raise ConfigError(
                 f"PCAProjectionInit: model.projection_dim={model.dense.out_features} exceeds the pooled width "
                 f"{model.dense.in_features}; a PCA has at most {model.dense.in_features} axes"
             )
@@ -67,7 +68,7 @@ class PCAProjectionInit(L.Callback):
         queries = queries[: self.max_texts]
         documents = documents[: max(0, self.max_texts - len(queries))]
         if len(queries) + len(documents) < 2:
-            raise ValueError("PCAProjectionInit: fewer than 2 training texts to fit a PCA on")
+            raise ConfigError("PCAProjectionInit: fewer than 2 training texts to fit a PCA on")
         dense, model.dense = model.dense, None  # embed the pooled (normalized) vectors the projection will see
         try:
             emb = torch.cat(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from embedlab.errors import ConfigError
 from embedlab.losses.base import EmbeddedBatch
 from embedlab.losses.contrastive import MultipleNegativesRankingLoss
 
@@ -85,7 +86,7 @@ def grad_cache_backward(
     Returns the loss terms, detached.
     """
     if mini_batch_size < 1:
-        raise ValueError(f"GradCache mini_batch_size must be >= 1, got {mini_batch_size}")
+        raise ConfigError(f"GradCache mini_batch_size must be >= 1, got {mini_batch_size}")
     # 1. embeddings without a graph, each mini-batch's RNG state remembered for the replay
     chunks: list[list[tuple[Features, RandContext]]] = []
     leaves: list[torch.Tensor] = []
@@ -125,7 +126,7 @@ class GradCacheLoss(nn.Module):
     def __init__(self, loss: nn.Module, mini_batch_size: int = 32) -> None:
         super().__init__()
         if int(mini_batch_size) < 1:
-            raise ValueError(f"GradCache mini_batch_size must be >= 1, got {mini_batch_size}")
+            raise ConfigError(f"GradCache mini_batch_size must be >= 1, got {mini_batch_size}")
         self.loss = loss
         self.mini_batch_size = int(mini_batch_size)
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from embedlab import distributed
 from embedlab.data.collate import EncodeBatches, identity_collate
+from embedlab.errors import ConfigError
 from embedlab.evaluation.evaluators import build_evaluator, with_model_similarity
 from embedlab.evaluation.grid import report_grid
 from embedlab.lightning.base import EmbedlabModule
@@ -93,20 +94,20 @@ class BiEncoderModule(EmbedlabModule):
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.grad_cache_mini_batch_size = grad_cache_mini_batch_size or find_mini_batch_size(loss)
         if self.grad_cache_mini_batch_size is not None and self.grad_cache_mini_batch_size < 1:
-            raise ValueError(f"grad_cache_mini_batch_size must be >= 1, got {self.grad_cache_mini_batch_size}")
+            raise ConfigError(f"grad_cache_mini_batch_size must be >= 1, got {self.grad_cache_mini_batch_size}")
         # GradCache backpropagates mini-batch by mini-batch inside the step: manual optimization
         self.automatic_optimization = self.grad_cache_mini_batch_size is None
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         if int(accumulate_grad_batches) < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+            raise ConfigError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.accumulate_grad_batches = int(accumulate_grad_batches)
         # parameter-name prefix -> factor on the optimizer's lr, e.g. {"model.dense": 50}: a new projection
         # learns at a higher rate than the pretrained backbone
         self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
         for prefix, factor in self.lr_multipliers.items():
             if not factor >= 0:
-                raise ValueError(f"lr_multipliers[{prefix!r}] must be >= 0, got {factor}")
+                raise ConfigError(f"lr_multipliers[{prefix!r}] must be >= 0, got {factor}")
 
     def trainer_overrides(self, trainer_cfg: Mapping) -> dict:
         """Trainer arguments to replace for this module: with GradCache (manual optimization) the module takes
@@ -289,7 +290,7 @@ class BiEncoderModule(EmbedlabModule):
             return [p for _, p in named]
         base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
         if base_lr is None:
-            raise ValueError("lr_multipliers needs the optimizer's lr in its config (module.optimizer.lr)")
+            raise ConfigError("lr_multipliers needs the optimizer's lr in its config (module.optimizer.lr)")
         groups: dict[str, list[torch.Tensor]] = {prefix: [] for prefix in self.lr_multipliers}
         rest = []
         for name, param in named:
@@ -298,7 +299,7 @@ class BiEncoderModule(EmbedlabModule):
         empty = [q for q, ps in groups.items() if not ps]
         if empty:
             tops = sorted({".".join(n.split(".")[:2]) for n, _ in named})
-            raise ValueError(
+            raise ConfigError(
                 f"lr_multipliers: no trainable parameter under {', '.join(map(repr, empty))}; "
                 f"parameter names start with {', '.join(tops)}"
             )

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from embedlab.errors import ConfigError
+
 
 @dataclass
 class EmbeddedBatch:
@@ -72,7 +74,7 @@ def similarity_matrix(a: torch.Tensor, b: torch.Tensor, similarity: str = "cos")
     if similarity == "cos":
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     elif similarity != "dot":
-        raise ValueError(f"similarity must be 'cos' or 'dot', got {similarity!r}")
+        raise ConfigError(f"similarity must be 'cos' or 'dot', got {similarity!r}")
     return a @ b.T
 
 
@@ -82,12 +84,12 @@ def pairwise_similarity(a: torch.Tensor, b: torch.Tensor, similarity: str = "cos
         return F.cosine_similarity(a, b, dim=-1)
     if similarity == "dot":
         return (a * b).sum(-1)
-    raise ValueError(f"similarity must be 'cos' or 'dot', got {similarity!r}")
+    raise ConfigError(f"similarity must be 'cos' or 'dot', got {similarity!r}")
 
 
 def require(batch: EmbeddedBatch, loss_name: str, negatives: bool = False, scores: bool = False) -> None:
     """Fail early, with the loss's name, when the data does not carry what the loss needs."""
     if negatives and batch.negatives is None:
-        raise ValueError(f"{loss_name} needs a negative per example: use triplet data (query, positive, negative)")
+        raise ConfigError(f"{loss_name} needs a negative per example: use triplet data (query, positive, negative)")
     if scores and batch.scores is None:
-        raise ValueError(f"{loss_name} needs a score per pair: use scored-pair data (text1, text2, score)")
+        raise ConfigError(f"{loss_name} needs a score per pair: use scored-pair data (text1, text2, score)")

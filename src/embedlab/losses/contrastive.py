@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedlab import distributed
+from embedlab.errors import ConfigError
 from embedlab.losses.base import EmbeddedBatch, pairwise_similarity, require, similarity_matrix
 
 
@@ -207,7 +208,7 @@ class TripletLoss(nn.Module):
     def __init__(self, distance: str = "euclidean", margin: float = 5.0) -> None:
         super().__init__()
         if distance not in self.DISTANCES:
-            raise ValueError(f"triplet distance must be one of {', '.join(self.DISTANCES)}, got {distance!r}")
+            raise ConfigError(f"triplet distance must be one of {', '.join(self.DISTANCES)}, got {distance!r}")
         self.distance = distance
         self.margin = margin
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedlab.errors import ConfigError
 from embedlab.losses.base import EmbeddedBatch
 
 
@@ -48,22 +49,22 @@ class MatryoshkaLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not dims:
-            raise ValueError("matryoshka dims must list at least one dimension")
+            raise ConfigError("matryoshka dims must list at least one dimension")
         weights = list(weights) if weights is not None else [1.0] * len(dims)
         if len(weights) != len(dims):
-            raise ValueError(f"matryoshka weights ({len(weights)}) must match dims ({len(dims)})")
+            raise ConfigError(f"matryoshka weights ({len(weights)}) must match dims ({len(dims)})")
         self.loss = loss
         self.dims = [int(d) for d in dims]
         self.weights = [float(w) for w in weights]
         self.distill_weight = float(distill_weight)
         self.distill_temperature = float(distill_temperature)
         if self.distill_weight < 0 or self.distill_temperature <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"matryoshka distill_weight must be >= 0 and distill_temperature > 0, "
                 f"got {distill_weight} and {distill_temperature}"
             )
         if self.distill_weight > 0 and not callable(getattr(loss, "forward_with_logits", None)):
-            raise ValueError(
+            raise ConfigError(
                 f"matryoshka distill_weight needs an inner loss with query -> candidate logits (mnrl, cached_mnrl); "
                 f"{type(loss).__name__} has no forward_with_logits(batch)"
             )
@@ -72,7 +73,7 @@ class MatryoshkaLoss(nn.Module):
         full = batch.query.shape[-1]
         too_big = [d for d in self.dims if d > full or d < 1]
         if too_big:
-            raise ValueError(f"matryoshka dims {too_big} are not in 1..{full} (the model's embedding size)")
+            raise ConfigError(f"matryoshka dims {too_big} are not in 1..{full} (the model's embedding size)")
         renormalize = batch.extras.get("normalized", True)
         terms: dict[str, torch.Tensor] = {}
         total = None

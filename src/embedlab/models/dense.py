@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from embedlab.errors import ConfigError
+
 IDENTITY = "torch.nn.modules.linear.Identity"
 
 
@@ -27,10 +29,10 @@ def _activation(path: str) -> nn.Module:
     ``trust_remote_code``)."""
     module_name, _, class_name = path.rpartition(".")
     if not module_name.startswith("torch.nn"):
-        raise ValueError(f"Dense activation_function must be a torch.nn module class path, got {path!r}")
+        raise ConfigError(f"Dense activation_function must be a torch.nn module class path, got {path!r}")
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"Dense activation_function {path!r} is not a torch.nn.Module class")
+        raise ConfigError(f"Dense activation_function {path!r} is not a torch.nn.Module class")
     return cls()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from embedlab.errors import ConfigError
+
 #: ``pooling`` value meaning "as the model folder records" (mean when it records nothing)
 AUTO = "auto"
 
@@ -38,7 +40,7 @@ class Pooling(nn.Module):
     def __init__(self, mode: str = "mean") -> None:
         super().__init__()
         if mode not in self.MODES:
-            raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(self.MODES)}")
+            raise ConfigError(f"pooling mode {mode!r} is not one of {', '.join(self.MODES)}")
         self.mode = mode
 
     def extra_repr(self) -> str:
