@@ -72,7 +72,7 @@ SCENARIOS = {
 
 
 # ---------------------------------------------------------------------------------------- data and models
-def build_module(spec: dict, seed: int = 0, dtype: torch.dtype = torch.float64):
+def build_module(spec: dict, seed: int = 0, dtype: torch.dtype = torch.float64, task: str = "retrieval"):
     from embedlab.lightning import BiEncoderModule
     from embedlab.models import tiny_bi_encoder
 
@@ -85,6 +85,7 @@ def build_module(spec: dict, seed: int = 0, dtype: torch.dtype = torch.float64):
         grad_cache_mini_batch_size=grad_cache,
         gradient_clip_val=CLIP if grad_cache else None,
         accumulate_grad_batches=spec.get("accumulate", 1) if grad_cache else 1,
+        evaluation={"batch_size": EVAL_BATCH, "similarity": None} | ({"k_values": list(K_VALUES)} if task == "retrieval" else {}),
     )
     return module.to(dtype)
 
@@ -208,10 +209,10 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str], data_root: str
         )
     if data_root is not None:
         start = time.perf_counter()
-        module = build_module({"loss": {}}, dtype=torch.float32)
         trainer = _trainer([], use_distributed_sampler=True, float64=False)
         metrics = {}
         for task in ("retrieval", "sts"):
+            module = build_module({"loss": {}}, dtype=torch.float32, task=task)
             metrics[task] = trainer.test(module, datamodule=_eval_datamodule(data_root, task), verbose=False)[0]
         torch.save({"metrics": metrics, "seconds": time.perf_counter() - start}, out / f"eval.rank{rank}.pt")
 
@@ -223,7 +224,7 @@ def _eval_datamodule(data_root: str, task: str = "retrieval"):
         source = STSSource(str(Path(data_root) / "stsbenchmark" / "sts-test.csv"))
     else:
         source = BeirSource(str(Path(data_root) / "scifact"), split="test")
-    return EmbeddingDataModule(test=source, eval={"batch_size": EVAL_BATCH, "k_values": list(K_VALUES)})
+    return EmbeddingDataModule(test=source)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +281,7 @@ def test_distributed_evaluation_equals_single_process(ddp_results, tiny_data_roo
     metrics computed once) == single-process trainer.test, to 1e-6, on both ranks (retrieval and STS)."""
     import lightning as L
 
-    module = build_module({"loss": {}}, dtype=torch.float32)
+    module = build_module({"loss": {}}, dtype=torch.float32, task=task)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     single = trainer.test(module, datamodule=_eval_datamodule(str(tiny_data_root), task), verbose=False)[0]
     assert ("test/ndcg@10" in single and len(single) > 10) if task == "retrieval" else "test/spearman_cosine" in single

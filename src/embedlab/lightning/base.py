@@ -76,7 +76,8 @@ class EmbedlabModule(L.LightningModule):
         wanted = {"fit": ("val",), "validate": ("val",), "test": ("test",)}.get(stage, ())
         for name in wanted:
             task = getattr(datamodule, f"{name}_task", None)
-            if task is not None and name not in self.evaluators:
+            # built once per task: a later trainer.test on another datamodule gets its own evaluator
+            if task is not None and getattr(self.evaluators.get(name), "task", None) is not task:
                 self.evaluators[name] = self.build_evaluator(task)
 
     @property
