@@ -275,6 +275,7 @@ class BiEncoder(nn.Module):
         set, as that code runs with the user's rights.
         For a ``.ckpt``, :func:`embedlab.models.checkpoint.load_checkpoint` says which options apply.
         """
+        options = {k: v for k, v in locals().items() if k not in ("cls", "path")}  # as given, for a .ckpt
         if not isinstance(fast_cpu_dropout, bool):
             raise ModelLoadError(f"model.fast_cpu_dropout must be true or false, got {fast_cpu_dropout!r}")
         if not isinstance(trust_remote_code, bool):
@@ -283,22 +284,7 @@ class BiEncoder(nn.Module):
         if path.endswith(".ckpt"):
             from embedlab.models.checkpoint import load_checkpoint
 
-            return load_checkpoint(
-                path,
-                pooling=pooling,
-                normalize=normalize,
-                max_seq_length=max_seq_length,
-                query_max_seq_length=query_max_seq_length,
-                document_max_seq_length=document_max_seq_length,
-                query_prompt=query_prompt,
-                document_prompt=document_prompt,
-                similarity=similarity,
-                torch_dtype=torch_dtype,
-                attn_implementation=attn_implementation,
-                projection_dim=projection_dim,
-                fast_cpu_dropout=fast_cpu_dropout,
-                trust_remote_code=trust_remote_code,
-            )
+            return load_checkpoint(path, **options)
         folder = Path(path)
         saved = read_folder_config(folder) if folder.is_dir() else {}
         if isinstance(pooling, str) and pooling != AUTO:
