@@ -86,7 +86,7 @@ def test_paraphrase_minilm_l3_stsb(shared_dir):
 
 
 def test_compression_grid_on_scifact(scifact_embedded):
-    """Zero-shot compression: int8 keeps >= 99% of float32 nDCG@10, binary+rescore >= 95% (issue 4 targets)."""
+    """Zero-shot compression: int8 keeps >= 99% of float32 nDCG@10, binary+rescore >= 95%."""
     task, _, embeddings = scifact_embedded
     evaluator = RetrievalEvaluator(task, precisions=("float32", "int8", "binary", "binary_rescore"), dims=(384, 64))
     metrics = evaluator.compute(embeddings, prefix="test/")
@@ -98,7 +98,7 @@ def test_compression_grid_on_scifact(scifact_embedded):
 
 
 def test_pca_rotation_start_on_scifact(shared_dir, scifact_embedded):
-    """The Matryoshka start (issue 4): PCAProjectionInit's rotation, fitted on SciFact *train* texts, leaves
+    """The Matryoshka start: PCAProjectionInit's rotation, fitted on SciFact *train* texts, leaves
     full-width nDCG@10 unchanged and raises 64-dim truncation by >= 5 points (measured: 0.4841 -> 0.5675)."""
     from embedlab.data.readers import beir_training_pairs
     from embedlab.lightning.callbacks import PCAProjectionInit
