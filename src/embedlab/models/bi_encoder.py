@@ -284,7 +284,7 @@ class BiEncoder(nn.Module):
         if path.endswith(".ckpt"):
             from embedlab.models.checkpoint import load_checkpoint
 
-            return load_checkpoint(path, **options)
+            return load_checkpoint(path, model_class=cls, **options)
         folder = Path(path)
         saved = read_folder_config(folder) if folder.is_dir() else {}
         if isinstance(pooling, str) and pooling != AUTO:
@@ -359,23 +359,41 @@ def load_transformer(
     """``AutoModel`` + ``AutoTokenizer`` from a local folder or Hub id, with one clear error when neither works."""
     from transformers import AutoModel, AutoTokenizer
 
+    check_model_path(path)
+    kwargs = model_load_kwargs(torch_dtype, attn_implementation, trust_remote_code)
+    try:
+        backbone = AutoModel.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise hub_error(path, err) from err
+    return Transformer(backbone, tokenizer)
+
+
+def check_model_path(path: str) -> None:
+    """Raise :class:`ModelLoadError` for a local path that does not exist or is not a Hugging Face folder."""
     folder = Path(path)
     looks_local = folder.is_absolute() or path.startswith((".", "~")) or folder.exists() or path.count("/") > 1
     if looks_local and not folder.is_dir():
         raise ModelLoadError(f"model path {path!r} does not exist (expected a model folder, a .ckpt file or a Hub id)")
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise ModelLoadError(f"model folder {path!r} has no config.json: it is not a Hugging Face model folder")
-    kwargs = {"trust_remote_code": trust_remote_code}
+
+
+def model_load_kwargs(
+    torch_dtype: str | None, attn_implementation: str | None, trust_remote_code: bool
+) -> dict[str, object]:
+    """Keyword arguments for a transformers ``from_pretrained`` (dtype under this transformers' name)."""
+    kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
     if torch_dtype:
         kwargs[_DTYPE_KWARG] = dtype_from_name(torch_dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    try:
-        backbone = AutoModel.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ModelLoadError(
-            f"could not load model {path!r}: not a local folder, and the Hugging Face Hub did not provide it "
-            f"(offline? set HF_HUB_OFFLINE=0 and check the id). Cause: {str(err).splitlines()[0]}"
-        ) from err
-    return Transformer(backbone, tokenizer)
+    return kwargs
+
+
+def hub_error(path: str, err: OSError) -> ModelLoadError:
+    """The one-line error for a model that is neither a local folder nor available from the Hub."""
+    return ModelLoadError(
+        f"could not load model {path!r}: not a local folder, and the Hugging Face Hub did not provide it "
+        f"(offline? set HF_HUB_OFFLINE=0 and check the id). Cause: {str(err).splitlines()[0]}"
+    )

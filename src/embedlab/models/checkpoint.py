@@ -6,8 +6,9 @@ so opening a downloaded checkpoint would run its author's code. :func:`safe_load
 restricted unpickler (``weights_only=True``): tensors, numbers, strings and plain containers only, plus
 the globals listed in :data:`ALLOWED_GLOBALS`. Everything embedlab reads from a checkpoint goes through it.
 
-:func:`load_checkpoint` then rebuilds the bi-encoder from the model config the checkpoint stores, calling
-only the embedlab constructors of :data:`MODEL_BUILDERS`, never a function the file names.
+:func:`load_checkpoint` then rebuilds the model (a bi-encoder or a cross-encoder) from the model config the
+checkpoint stores, calling only the embedlab constructors of :data:`MODEL_BUILDERS`, never a function the
+file names.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from embedlab.models.bi_encoder import FROM_PRETRAINED_TARGET, KINDS, BiEncoder, Normalize, resolve_lengths
+from embedlab.models.cross_encoder import CROSS_ENCODER_TARGET, CrossEncoder
 from embedlab.models.errors import ModelLoadError
 from embedlab.models.pooling import AUTO, Pooling, folder_pooling
-from embedlab.models.tiny import TINY_TARGET, tiny_bi_encoder
+from embedlab.models.tiny import TINY_CROSS_ENCODER_TARGET, TINY_TARGET, tiny_bi_encoder, tiny_cross_encoder
 
 #: Python classes a checkpoint may contain beyond what ``weights_only=True`` accepts by default (tensors,
 #: ``OrderedDict``, int/float/str/bool/None, lists, tuples, dicts, sets, torch dtypes and devices).
@@ -80,12 +83,25 @@ def _refused_globals(path: Path, err: Exception) -> str:
 #: ``_target_`` -> the function it names: the only callables a checkpoint's model config may invoke.
 #: A stored config is data from the file; calling whatever it names (``hydra.utils.instantiate``) would
 #: run any importable function, so anything else is refused.
-MODEL_BUILDERS: dict[str, Callable[..., BiEncoder]] = {
+_BI_ENCODER_BUILDERS: dict[str, Callable[..., BiEncoder]] = {
     FROM_PRETRAINED_TARGET: BiEncoder.from_pretrained,
     "embedlab.models.bi_encoder.BiEncoder.from_pretrained": BiEncoder.from_pretrained,
     TINY_TARGET: tiny_bi_encoder,
     "embedlab.models.tiny.tiny_bi_encoder": tiny_bi_encoder,
 }
+_CROSS_ENCODER_BUILDERS: dict[str, Callable[..., CrossEncoder]] = {
+    CROSS_ENCODER_TARGET: CrossEncoder.from_pretrained,
+    "embedlab.models.cross_encoder.CrossEncoder.from_pretrained": CrossEncoder.from_pretrained,
+    TINY_CROSS_ENCODER_TARGET: tiny_cross_encoder,
+    "embedlab.models.tiny.tiny_cross_encoder": tiny_cross_encoder,
+}
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {**_BI_ENCODER_BUILDERS, **_CROSS_ENCODER_BUILDERS}
+#: ``_target_`` -> the class its builder returns (checked before building, see ``load_checkpoint(model_class=)``)
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    **dict.fromkeys(_BI_ENCODER_BUILDERS, BiEncoder),
+    **dict.fromkeys(_CROSS_ENCODER_BUILDERS, CrossEncoder),
+}
+_FAMILY = {BiEncoder: "bi-encoder", CrossEncoder: "cross-encoder"}
 #: ``_target_`` values allowed inside a model config (the ``pooling`` config group's objects)
 PART_BUILDERS: dict[str, Callable[..., object]] = {
     "embedlab.models.Pooling": Pooling,
@@ -95,20 +111,26 @@ PART_BUILDERS: dict[str, Callable[..., object]] = {
 #: options given to the builder (how the backbone is loaded); the caller's value replaces the stored one
 LOAD_OPTIONS = ("torch_dtype", "attn_implementation", "fast_cpu_dropout", "trust_remote_code")
 #: options that define the trained architecture: they must agree with the checkpoint
-ARCHITECTURE_OPTIONS = ("pooling", "projection_dim")
+ARCHITECTURE_OPTIONS = ("pooling", "projection_dim", "num_labels")
 #: option values that mean "not set: keep the checkpoint's"
 _UNSET = {"pooling": (None, AUTO), "normalize": (None, AUTO), "trust_remote_code": (False,)}
 
 
-def load_checkpoint(path: str | os.PathLike, **options) -> BiEncoder:
-    """Rebuild the bi-encoder of an embedlab Lightning checkpoint: its stored model config + trained weights.
+def load_checkpoint(
+    path: str | os.PathLike, model_class: type[nn.Module] | None = None, **options
+) -> BiEncoder | CrossEncoder:
+    """Rebuild the model of an embedlab Lightning checkpoint: its stored model config + trained weights.
 
     The checkpoint stores the model's config under ``"embedlab_model_cfg"``: a plain dict
-    ``{"_target_": <builder>, <arguments>}`` (:attr:`BiEncoder.config`, or a composed Hydra model config).
-    Only the builders of :data:`MODEL_BUILDERS` are called (and :data:`PART_BUILDERS` for nested objects).
+    ``{"_target_": <builder>, <arguments>}`` (:attr:`BiEncoder.config` / :attr:`CrossEncoder.config`, or a
+    composed Hydra model config). Only the builders of :data:`MODEL_BUILDERS` are called (and
+    :data:`PART_BUILDERS` for nested objects). ``model_class`` (:class:`BiEncoder` or
+    :class:`CrossEncoder`, what ``from_pretrained`` passes): a checkpoint of the other family raises
+    :class:`ModelLoadError` before anything is built.
 
-    ``options`` are :meth:`BiEncoder.from_pretrained`'s keyword arguments; unset ones (``None``, ``"auto"``,
-    ``trust_remote_code=False``) keep the checkpoint's values. Set ones:
+    ``options`` are the ``from_pretrained`` keyword arguments of the checkpoint's model class; unset ones
+    (``None``, ``"auto"``, ``trust_remote_code=False``) keep the checkpoint's values. Set ones, for a
+    bi-encoder:
 
     - ``max_seq_length`` / ``query_max_seq_length`` / ``document_max_seq_length`` (same precedence as for a
       folder, the checkpoint's lengths playing the folder's), ``query_prompt`` / ``document_prompt``,
@@ -119,6 +141,11 @@ def load_checkpoint(path: str | os.PathLike, **options) -> BiEncoder:
       from the checkpoint's raises :class:`ModelLoadError` naming the keys, as does a load option the
       builder does not take.
 
+    For a cross-encoder: ``max_length`` and ``activation`` are set on the rebuilt model; ``torch_dtype``,
+    ``attn_implementation``, ``fast_cpu_dropout``, ``trust_remote_code`` go to the builder; ``num_labels``
+    must agree with the trained head; ``require_head`` and ``seed`` change nothing (a checkpoint's head is
+    trained, its weights come from the file).
+
     A checkpoint whose model was built with ``trust_remote_code=true`` loads only when the caller sets it too.
     """
     checkpoint = safe_load(path)
@@ -126,6 +153,12 @@ def load_checkpoint(path: str | os.PathLike, **options) -> BiEncoder:
     if not isinstance(model_cfg, dict):
         raise ModelLoadError(f"checkpoint {str(path)!r} was not written by embedlab train.py (no embedlab_model_cfg)")
     builder = _model_builder(model_cfg.get("_target_"), path)
+    built = MODEL_CLASSES[model_cfg["_target_"]]
+    if model_class is not None and not issubclass(built, model_class):
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r} holds a {_FAMILY[built]} ({model_cfg['_target_']}), not a "
+            f"{_FAMILY.get(model_class, model_class.__name__)}: load it with {built.__name__}.from_pretrained"
+        )
     kwargs = {k: _build_part(v, path) for k, v in model_cfg.items() if k != "_target_"}
     if kwargs.get("trust_remote_code") and not options.get("trust_remote_code"):
         raise ModelLoadError(
@@ -149,8 +182,15 @@ def load_checkpoint(path: str | os.PathLike, **options) -> BiEncoder:
         )
     kwargs.update({k: given[k] for k in LOAD_OPTIONS if k in given})
     model = builder(**kwargs)
-    trained = {"pooling": model.pooling.mode, "projection_dim": model.dense.out_features if model.dense else None}
-    asked = {k: given[k].mode if isinstance(given[k], Pooling) else given[k] for k in ARCHITECTURE_OPTIONS if k in given}
+    if isinstance(model, CrossEncoder):
+        trained = {"num_labels": model.num_labels}
+    else:
+        trained = {"pooling": model.pooling.mode, "projection_dim": model.dense.out_features if model.dense else None}
+    asked = {
+        k: given[k].mode if isinstance(given[k], Pooling) else given[k]
+        for k in ARCHITECTURE_OPTIONS
+        if k in given and k in trained
+    }
     refused = [k for k, v in asked.items() if v != trained[k]]
     if refused:
         raise ModelLoadError(
@@ -169,8 +209,15 @@ def load_checkpoint(path: str | os.PathLike, **options) -> BiEncoder:
     return model
 
 
-def _apply_settings(model: BiEncoder, given: dict) -> None:
-    """Set the options that change no weight (lengths, prompts, normalize, similarity) on a rebuilt model."""
+def _apply_settings(model: BiEncoder | CrossEncoder, given: dict) -> None:
+    """Set the options that change no weight (lengths, prompts, normalize, similarity, activation) on a
+    rebuilt model."""
+    if isinstance(model, CrossEncoder):
+        if "max_length" in given:
+            model.max_length = given["max_length"]
+        if "activation" in given:
+            model.activation = given["activation"]
+        return
     model.max_seq_length = resolve_lengths(
         given.get("max_seq_length"),
         given.get("query_max_seq_length"),
@@ -190,7 +237,7 @@ def _keys(names: list[str]) -> str:
     return ", ".join(f"model.{k}" for k in names)
 
 
-def _model_builder(target: object, path: str | os.PathLike) -> Callable[..., BiEncoder]:
+def _model_builder(target: object, path: str | os.PathLike) -> Callable[..., nn.Module]:
     if target not in MODEL_BUILDERS:
         raise ModelLoadError(
             f"checkpoint {str(path)!r}: its model config names _target_ {target!r}, which is not an embedlab model "
