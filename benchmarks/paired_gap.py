@@ -32,6 +32,8 @@ from embedlab.evaluation.reduction import truncate
 from embedlab.evaluation.evaluators import RetrievalEvaluator, encode_plan
 from embedlab.evaluation.metrics import per_query_metrics
 from embedlab.evaluation.search import exact_search, search_to_run
+from embedlab.evaluation.significance import paired_stats
+from embedlab.evaluation.significance import train_overlap_subsets as overlap_subsets
 from embedlab.models import BiEncoder
 
 
@@ -52,24 +54,7 @@ def per_query_ndcg(model_path: str, task, dims: list[int], batch_size: int) -> d
 
 def train_overlap_subsets(folder: Path, task) -> dict[str, np.ndarray]:
     """``{"all", "seen", "unseen"}`` -> boolean masks over ``task.qrels``' queries (see the module docstring)."""
-    train = load_beir(folder, split="train")
-    train_positives = {d for judged in train.qrels.values() for d, rel in judged.items() if rel > 0}
-    seen = np.array([any(rel > 0 and d in train_positives for d, rel in task.qrels[q].items()) for q in task.qrels])
-    return {"all": np.ones_like(seen), "seen": seen, "unseen": ~seen}
-
-
-def paired_stats(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> dict[str, float]:
-    """Mean of ``a - b`` (points), its bootstrap 95 % interval and the sign-flip permutation p-value."""
-    diff = 100 * (a - b)  # (Q,) nDCG points
-    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
-    boot = diff[idx].mean(axis=1)
-    signs = rng.choice([-1.0, 1.0], size=(resamples, len(diff)))
-    null = np.abs((signs * diff).mean(axis=1))
-    return {
-        "mean": diff.mean(), "lo": np.percentile(boot, 2.5), "hi": np.percentile(boot, 97.5),
-        "p": (1 + (null >= abs(diff.mean()) - 1e-12).sum()) / (1 + resamples),
-        "se": diff.std(ddof=1) / np.sqrt(len(diff)),
-    }
+    return overlap_subsets(task.qrels, load_beir(folder, split="train").qrels)
 
 
 def ratio_stats(low: np.ndarray, high: np.ndarray, resamples: int, rng: np.random.Generator) -> dict[str, float]:
