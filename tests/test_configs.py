@@ -25,7 +25,7 @@ def test_every_config_file_is_covered():
     """A new config group or file must be added to the tests below (this list is the contract)."""
     covered = {
         "model", "pooling", "module", "loss", "data", "eval", "post_fit", "trainer", "logger", "callbacks", "paths", "hydra",
-        "debug", "experiment", "hparams_search", "launcher",
+        "debug", "experiment", "hparams_search", "launcher", "retriever", "rerank",
     }  # fmt: skip
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     assert groups == covered
@@ -60,6 +60,13 @@ def test_model_configs(model, tmp_path, tiny_data_root, monkeypatch):
         assert cfg.model.max_seq_length == 128
         return
     encoder = instantiate(cfg.model)
+    if model.startswith("cross_encoder"):
+        from embedlab.models import CrossEncoder
+
+        # a scoring head on the encoder: one logit, sigmoid in predict, as sentence-transformers' CrossEncoder
+        assert isinstance(encoder, CrossEncoder) and encoder.num_labels == 1 and encoder.activation == "sigmoid"
+        assert encoder.max_length == (256 if model == "cross_encoder_minilm_l6" else 64)
+        return
     assert isinstance(encoder, BiEncoder)
     if model == "hf":
         assert encoder.pooling.mode == "cls"  # pooling=auto reads the folder's 1_Pooling config
@@ -98,9 +105,18 @@ def test_loss_configs(loss, tmp_path, tiny_data_root):
         overrides.append("loss.dims=[8,4,2]")
     cfg = compose_config("train", overrides, tmp_path)
     fn = instantiate(cfg.loss)
-    from embedlab.losses import EmbeddedBatch
+    from embedlab.losses import EmbeddedBatch, ScoredCandidates
 
     g = torch.Generator().manual_seed(0)
+    if getattr(fn, "consumes", None) == "scores":
+        # cross-encoder losses: (B, 1 + n) scores of each query's positive and negatives, teacher scores for margin-MSE
+        scores = torch.randn(4, 3, generator=g, requires_grad=True)
+        labels = torch.tensor([[1.0, 0.0, 0.0]] * 4)
+        terms = fn(ScoredCandidates(scores=scores, labels=labels, teacher_scores=torch.randn(4, 3, generator=g)))
+        assert terms["loss"].ndim == 0 and torch.isfinite(terms["loss"])
+        terms["loss"].backward()
+        assert float(scores.grad.abs().sum()) > 0
+        return
     batch = EmbeddedBatch(
         query=torch.randn(4, 8, generator=g, requires_grad=True),
         positive=torch.randn(4, 8, generator=g),
@@ -153,6 +169,21 @@ def test_data_configs(data, tmp_path, tiny_data_root):
 @pytest.mark.parametrize("name", options("module"))
 def test_module_configs(name, tmp_path, tiny_data_root):
     """The module gets the optimizer, schedule and the `eval` options it builds its evaluators from."""
+    if name == "cross_encoder":
+        from embedlab.evaluation.first_stage import BM25Retriever
+        from embedlab.evaluation.rerank import RerankEvaluator
+        from embedlab.lightning import CrossEncoderModule
+
+        overrides = ["model=cross_encoder_tiny", "module=cross_encoder", "loss=listwise", "eval.k_values=[1,10]", "rerank.top_k=50"]
+        cfg = compose_config("train", overrides + [f"data.root={tiny_data_root}"], tmp_path)
+        module = instantiate(cfg.module, model=instantiate(cfg.model), loss=instantiate(cfg.loss))
+        assert isinstance(module, CrossEncoderModule) and isinstance(module.first_stage, BM25Retriever)
+        dm = instantiate(cfg.data)
+        dm.setup("fit")
+        val, test = module.build_evaluator(dm.val_task, stage="val"), module.build_evaluator(dm.val_task, stage="test")
+        assert isinstance(val, RerankEvaluator) and val.k_values == (1, 10) and val.first_stage is module.first_stage
+        assert (val.top_k, test.top_k) == (cfg.module.val_top_k, 50)
+        return
     cfg = compose_config("train", ["model=tiny", f"module={name}", "eval.k_values=[1,10]", f"data.root={tiny_data_root}"], tmp_path)
     module = instantiate(cfg.module, model=instantiate(cfg.model), loss=instantiate(cfg.loss))
     assert isinstance(module, BiEncoderModule)
@@ -236,6 +267,28 @@ def test_experiment_configs(name, tmp_path, tiny_data_root):
         assert isinstance(loss.loss_for("scifact"), MultipleNegativesRankingLoss)
     if name == "stsb_cosent":
         assert cfg.monitor == "val/spearman_cosine"
+    if name.startswith("cross_encoder"):
+        from embedlab.lightning import CrossEncoderModule
+
+        cfg = compose_config("train", [f"experiment={name}", "model=cross_encoder_tiny", f"data.root={tiny_data_root}"], tmp_path)
+        assert isinstance(instantiate(cfg.module, model=instantiate(cfg.model), loss=loss), CrossEncoderModule)
+        assert cfg.monitor == ("val/spearman" if name == "cross_encoder_stsb" else "val/ndcg@10")
+
+
+@pytest.mark.parametrize("name", options("rerank"))
+def test_rerank_configs(name, tmp_path, tiny_data_root):
+    """evaluate.py's second stage: no reranker by default; its top_k / batch size feed the two-stage evaluator."""
+    from embedlab.evaluating import two_stage
+    from embedlab.evaluation.rerank import RerankEvaluator
+    from embedlab.models import tiny_cross_encoder
+
+    folder = tiny_cross_encoder().save(tmp_path / "ce")
+    cfg = compose_config("evaluate", [f"rerank={name}", "retriever=bm25", f"data.root={tiny_data_root}"], tmp_path)
+    assert cfg.rerank.model is None and cfg.rerank.top_k == 100
+    cfg.rerank.model, cfg.rerank.top_k = str(folder), 7
+    evaluator, model = two_stage(cfg, instantiate(cfg.data.test).task(), torch.device("cpu"))
+    assert isinstance(evaluator, RerankEvaluator) and evaluator.top_k == 7 and evaluator.batch_size == cfg.rerank.batch_size
+    assert model.max_length == 64  # max_length null: the folder's
 
 
 @pytest.mark.parametrize("name", options("hparams_search") + options("launcher"))

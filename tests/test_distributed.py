@@ -209,7 +209,7 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str], data_root: str
         )
     if data_root is not None:
         start = time.perf_counter()
-        trainer = _trainer([], use_distributed_sampler=True, float64=False)
+        trainer = _trainer([], use_distributed_sampler=True, float64=False, default_root_dir=out_dir)
         metrics = {}
         for task in ("retrieval", "sts"):
             module = build_module({"loss": {}}, dtype=torch.float32, task=task)
@@ -276,13 +276,15 @@ def test_gather_without_it_would_differ(ddp_results):
 
 
 @pytest.mark.parametrize("task", ["retrieval", "sts"])
-def test_distributed_evaluation_equals_single_process(ddp_results, tiny_data_root, task):
+def test_distributed_evaluation_equals_single_process(ddp_results, tiny_data_root, task, tmp_path):
     """trainer.test under DDP (texts sharded by DistributedSampler, padding duplicates, rows gathered,
     metrics computed once) == single-process trainer.test, to 1e-6, on both ranks (retrieval and STS)."""
     import lightning as L
 
     module = build_module({"loss": {}}, dtype=torch.float32, task=task)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
     single = trainer.test(module, datamodule=_eval_datamodule(str(tiny_data_root), task), verbose=False)[0]
     assert ("test/ndcg@10" in single and len(single) > 10) if task == "retrieval" else "test/spearman_cosine" in single
     for r in range(WORLD):

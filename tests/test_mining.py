@@ -142,7 +142,8 @@ def test_beir_source_attaches_negatives(tmp_path, tiny_data_root):
         (lines[1:], f"{path}: no line for training query {lines[0]['query_id']!r}"),
         ([{**lines[0], "negative_ids": ["x0"]}, *lines[1:]],
          f"{path}: query {lines[0]['query_id']!r} has 1 negative_ids, num_negatives asks for 2 "
-         "(mine again with a larger mining.range_max or a smaller mining.relative_margin)"),
+         "(mine again with a larger mining.range_max or a smaller mining.relative_margin, or drop such queries: "
+         "data.train.too_few_negatives=drop)"),
         ([{**lines[0], "negative_ids": ["nope", "x0"]}, *lines[1:]],
          f"{path}: query {lines[0]['query_id']!r}: negative_ids not in the corpus: ['nope']"),
     ]
@@ -153,6 +154,10 @@ def test_beir_source_attaches_negatives(tmp_path, tiny_data_root):
         assert str(e.value) == message
     with pytest.raises(ValueError, match="num_negatives must be >= 1, got 0"):
         BeirSource(str(folder), num_negatives=0)
+    # too_few_negatives=drop: the short query's pairs leave the training set, every other pair keeps its negatives
+    path.write_text("".join(json.dumps(x) + "\n" for x in [{**lines[0], "negative_ids": ["x0"]}, *lines[1:]]))
+    kept = BeirSource(str(folder), split="train", hard_negatives=str(path), num_negatives=2, too_few_negatives="drop").examples()
+    assert {e.query_id for e in kept} == {x["query_id"] for x in lines[1:]} and all(len(e.negatives) == 2 for e in kept)
 
 
 def test_mine_config_writes_a_file_training_reads(tmp_path, tiny_data_root):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from embedlab.data import TableSource
+from embedlab.errors import ConfigError
 from embedlab.data.errors import DataError
 from embedlab.data.readers import beir
 from embedlab.data.readers import (
@@ -620,3 +621,48 @@ def test_real_scifact_and_stsb_counts():
         task = load_sts(data / "stsbenchmark" / f"sts-{split}.csv")
         assert len(task.scores) == len(task.sentences1) == len(task.sentences2) == count
         assert min(task.scores) == 0.0 and max(task.scores) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# random negatives (rerankers) and both orders of scored pairs (cross-encoders)
+# ------------------------------------------------------------------------------------------------------------
+def test_random_negatives_follow_the_mined_ones_and_avoid_every_qrels_document(tiny_data_root, tmp_path):
+    import json as _json
+
+    from embedlab.data import BeirSource
+    from embedlab.data.readers import load_beir
+
+    folder = tiny_data_root / "scifact"
+    mined = tmp_path / "hn.jsonl"
+    train = load_beir(folder, split="train")
+    mined.write_text("".join(_json.dumps({"query_id": q, "negative_ids": [f"x{q[1:]}"]}) + "\n" for q in train.qrels))
+    source = BeirSource(str(folder), split="train", hard_negatives=str(mined), num_negatives=1, random_negatives=3, seed=7)
+    examples = source.examples()
+    assert len(examples) == len(train.qrels)
+    full = load_beir(folder, split="train")
+    for ex in examples:
+        assert len(ex.negatives) == len(ex.negative_ids) == 4
+        assert ex.negative_ids[0] == f"x{ex.query_id[1:]}"  # the mined one first
+        assert len(set(ex.negative_ids)) == 4 and not set(ex.negative_ids) & set(full.qrels[ex.query_id])
+        assert ex.negatives == [full.corpus[d] for d in ex.negative_ids]
+    # a draw of (seed, pair) alone: the same again, another with another seed
+    assert [e.negative_ids for e in source.examples()] == [e.negative_ids for e in examples]
+    other = BeirSource(str(folder), split="train", random_negatives=3, seed=8).examples()
+    assert [e.negative_ids for e in other] != [e.negative_ids[1:] for e in examples]
+    with pytest.raises(ConfigError, match=r"^random_negatives must be >= 0, got -1$"):
+        BeirSource(str(folder), random_negatives=-1)
+
+
+def test_both_orders_doubles_training_pairs_but_not_the_held_out_ones(tmp_path):
+    from embedlab.data import STSSource
+
+    path = tmp_path / "sts-train.csv"  # 20 distinct pairs
+    path.write_text("".join(f"main-news\tnews\t2012\t{i:04d}\t{i % 5}.0\tsentence a{i}\tsentence b{i}\n" for i in range(20)))
+    path = str(path)
+    once, twice = STSSource(path).examples(), STSSource(path, both_orders=True).examples()
+    assert twice[: len(once)] == once
+    assert [(e.positive, e.query, e.score) for e in twice[len(once):]] == [(e.query, e.positive, e.score) for e in once]
+    train, val = STSSource(path, both_orders=True).carve(0.25, seed=0)
+    held = set(zip(val.sentences1, val.sentences2))
+    assert len(train) == 2 * (len(once) - len(held))
+    assert not {(e.query, e.positive) for e in train} & (held | {(b, a) for a, b in held})

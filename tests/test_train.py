@@ -256,7 +256,7 @@ def test_partial_validation_switches_selection_off_instead_of_crashing(override,
         assert f"{reason}: early stopping on val/ndcg@10 is off" in caplog.text
         assert f"{reason}: keeping the last checkpoint instead of the best by val/ndcg@10" in caplog.text
     if override.endswith("=2"):
-        assert "val: 7 of 27 texts were encoded" in caplog.text  # 2 batches: the 3 queries, 4 of the 24 documents
+        assert "val: 7 of 27 rows were computed" in caplog.text  # 2 batches: the 3 queries, 4 of the 24 documents
 
 
 def test_early_stopping_stops_when_the_metric_stalls(tmp_path, tiny_data_root):

@@ -1,7 +1,10 @@
-"""``evaluate(cfg)``: score any bi-encoder on a dataset's test split and write ``metrics.json``.
+"""``evaluate(cfg)``: score a bi-encoder, a first stage or a two-stage pipeline on a dataset's test split.
 
-The model is a config (``model=minilm_l6``), a Hugging Face / sentence-transformers folder
-(``model.path=FOLDER``) or an embedlab checkpoint (``model.path=run/checkpoints/best.ckpt``).
+One stage (default): the bi-encoder ``model`` (``model=minilm_l6``, a Hugging Face / sentence-transformers folder
+``model.path=FOLDER``, or an embedlab checkpoint ``model.path=run/checkpoints/best.ckpt``) with the ``eval``
+options. Two stages: ``retriever=dense|bm25|hybrid|run`` retrieves ``rerank.top_k`` candidates and
+``rerank.model=CROSS_ENCODER`` reranks them (``test/...`` for the final list, ``test/first_stage/...`` for the
+retriever). Writes ``metrics.json`` and the final ranking as a TREC run file (``test_run.trec``).
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from embedlab.data.errors import DataError
+from embedlab.data.records import STSTask
+from embedlab.errors import ConfigError
 from embedlab.evaluation.evaluators import build_evaluator, with_model_similarity
+from embedlab.evaluation.first_stage import DenseRetriever
 from embedlab.evaluation.grid import report_grid
+from embedlab.evaluation.rerank import CrossEncoderSTSEvaluator, RerankEvaluator
+from embedlab.evaluation.runs import write_trec_run
+from embedlab.models.cross_encoder import CrossEncoder
 from embedlab.training import close_loggers, instantiate_list, write_metrics
 
 log = logging.getLogger(__name__)
@@ -41,8 +50,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "(e.g. data=file data.test.path=FILE, or a BEIR folder / STS file)"
         )
     task = instantiate(cfg.data.test).task()
-    model = instantiate(cfg.model).to(resolve_device(cfg.get("device")))
-    evaluator = build_evaluator(task, **with_model_similarity(OmegaConf.to_container(cfg.eval, resolve=True), model))
+    device = resolve_device(cfg.get("device"))
+    rerank = cfg.get("rerank") or {}
+    if cfg.get("retriever") is None and not rerank.get("model"):
+        model = instantiate(cfg.model).to(device)
+        evaluator = build_evaluator(task, **with_model_similarity(OmegaConf.to_container(cfg.eval, resolve=True), model))
+    else:
+        evaluator, model = two_stage(cfg, task, device)
     start = time.perf_counter()
     metrics = evaluator.evaluate(model, prefix="test/", show_progress_bar=cfg.get("progress_bar", True))
     metrics["test/eval_seconds"] = time.perf_counter() - start
@@ -51,6 +65,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     output_dir = Path(cfg.paths.output_dir)
     write_metrics(metrics, output_dir)
+    for name, run in evaluator.last_runs.items():
+        log.info("run file: %s", write_trec_run(run, output_dir / f"test_{name}.trec"))
     loggers = instantiate_list(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
@@ -60,3 +76,31 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("compression grid: %s, %s", files["csv"], files["png"])
     close_loggers(loggers)
     return metrics, {"cfg": cfg, "model": model, "task": task, "evaluator": evaluator}
+
+
+def two_stage(cfg: DictConfig, task, device: torch.device):
+    """The evaluator and scorer of a first stage (``retriever``; default: dense with the bi-encoder ``model``)
+    and an optional cross-encoder (``rerank.model``); an STS task is scored by the cross-encoder alone."""
+    reranker = None
+    if cfg.rerank.get("model"):
+        reranker = CrossEncoder.from_pretrained(
+            cfg.rerank.model, max_length=cfg.rerank.get("max_length"), require_head=True
+        ).to(device)
+    if isinstance(task, STSTask):
+        if reranker is None or cfg.get("retriever") is not None:
+            raise ConfigError(
+                f"retriever=... needs a retrieval task; data {cfg.data.get('name', '')!r} is an STS task "
+                "(score its pairs with a cross-encoder: rerank.model=FOLDER, no retriever)"
+            )
+        return CrossEncoderSTSEvaluator(task, batch_size=cfg.rerank.batch_size), reranker
+    if cfg.get("retriever") is not None:
+        first_stage = instantiate(cfg.retriever)
+    else:
+        first_stage = DenseRetriever(model=instantiate(cfg.model), batch_size=cfg.eval.batch_size, similarity=cfg.eval.similarity)
+    for model in getattr(first_stage, "models", lambda: [])():
+        model.to(device)
+    evaluator = RerankEvaluator(
+        task, first_stage, top_k=cfg.rerank.top_k, k_values=list(cfg.eval.k_values), batch_size=cfg.rerank.batch_size,
+        ignore_identical_ids=cfg.eval.ignore_identical_ids,
+    )
+    return evaluator, reranker

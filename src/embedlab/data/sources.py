@@ -9,11 +9,12 @@ A source built from config (``_target_``) offers:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from embedlab.data.errors import DataError
 from embedlab.data.readers.beir import beir_download, beir_task_pairs, load_beir
-from embedlab.data.readers.hard_negatives import attach_hard_negatives, read_hard_negatives
+from embedlab.data.readers.hard_negatives import attach_hard_negatives, attach_random_negatives, read_hard_negatives
 from embedlab.data.readers.splits import carve_split
 from embedlab.data.readers.sts import load_sts, sts_training_pairs
 from embedlab.data.readers.tables import load_examples
@@ -28,6 +29,11 @@ class BeirSource:
     With ``download=true`` a missing folder is fetched from the BEIR mirror first (online users only).
     ``hard_negatives``: a JSONL file of mined negatives (``python mine.py``, :mod:`embedlab.mining`); every
     pair of a query then carries the first ``num_negatives`` of its ``negative_ids`` (texts and ids).
+    ``random_negatives``: that many random corpus documents (never the query's qrels documents) appended
+    after the mined ones, drawn once from ``seed`` and the pair's ids
+    (:func:`~embedlab.data.readers.hard_negatives.attach_random_negatives`): the usual mix for rerankers.
+    ``too_few_negatives``: ``error`` (default) or ``drop`` the pairs of a query with fewer mined negatives than
+    ``num_negatives``.
     """
 
     def __init__(
@@ -38,6 +44,9 @@ class BeirSource:
         download: bool = False,
         hard_negatives: str | None = None,
         num_negatives: int = 1,
+        random_negatives: int = 0,
+        seed: int = 42,
+        too_few_negatives: str = "error",
     ) -> None:
         self.folder = Path(folder)
         self.split = split
@@ -46,6 +55,11 @@ class BeirSource:
             raise ConfigError(f"num_negatives must be >= 1, got {num_negatives}")
         self.hard_negatives = None if hard_negatives in (None, "") else Path(hard_negatives)
         self.num_negatives = num_negatives
+        if random_negatives < 0:
+            raise ConfigError(f"random_negatives must be >= 0, got {random_negatives}")
+        self.random_negatives = int(random_negatives)
+        self.seed = seed
+        self.too_few_negatives = too_few_negatives
         if download and not self.folder.is_dir():
             beir_download(self.name, self.folder.parent)
 
@@ -56,12 +70,12 @@ class BeirSource:
         """Training pairs (of ``query_ids`` only, when given); ``task``: this split, if already loaded."""
         task = self.task() if task is None else task
         pairs = beir_task_pairs(task, self.folder / "qrels" / f"{self.split}.tsv", query_ids)
-        if self.hard_negatives is None:
-            return pairs
-        return attach_hard_negatives(
-            pairs, read_hard_negatives(self.hard_negatives), task.corpus, self.num_negatives,
-            self.hard_negatives,
-        )
+        if self.hard_negatives is not None:
+            pairs = attach_hard_negatives(
+                pairs, read_hard_negatives(self.hard_negatives), task.corpus, self.num_negatives, self.hard_negatives,
+                too_few=self.too_few_negatives,
+            )
+        return attach_random_negatives(pairs, task.corpus, task.qrels, self.random_negatives, self.seed)
 
     def carve(self, fraction: float, seed: int) -> tuple[list[Example], RetrievalTask]:
         """Hold out ``fraction`` of the split's queries (with all their qrels) as a validation task."""
@@ -80,19 +94,28 @@ class BeirSource:
 class STSSource:
     """An STS Benchmark file of the original release (tab-separated, score 0-5 in column 5)."""
 
-    def __init__(self, path: str, score_scale: float = 5.0) -> None:
+    def __init__(self, path: str, score_scale: float = 5.0, both_orders: bool = False) -> None:
         self.path = Path(path)
         self.score_scale = score_scale
+        self.both_orders = both_orders
 
     def task(self) -> STSTask:
         return load_sts(self.path, score_scale=self.score_scale)
 
     def examples(self) -> list[Example]:
-        return sts_training_pairs(self.path, score_scale=self.score_scale)
+        """Scored pairs; ``both_orders``: each pair also as (text 2, text 1), for models whose score depends on
+        the order of their inputs (a cross-encoder reads the pair as one sequence), so they learn a symmetric score."""
+        return self._orders(sts_training_pairs(self.path, score_scale=self.score_scale))
+
+    def _orders(self, pairs: list[Example]) -> list[Example]:
+        if not self.both_orders:
+            return pairs
+        return pairs + [replace(e, query=e.positive, positive=e.query, query_id=e.positive_id, positive_id=e.query_id) for e in pairs]
 
     def carve(self, fraction: float, seed: int) -> tuple[list[Example], STSTask]:
-        val, train = carve_split(self.examples(), fraction, seed)
-        return train, examples_to_sts(val, f"{self.path.name}-heldout")
+        # carved before doubling: a held-out pair never trains in its other order
+        val, train = carve_split(sts_training_pairs(self.path, score_scale=self.score_scale), fraction, seed)
+        return self._orders(train), examples_to_sts(val, f"{self.path.name}-heldout")
 
 
 class TableSource:

@@ -1,5 +1,5 @@
-"""Evaluation: retrieval metrics equal to pytrec_eval, STS correlations, memory-bounded top-k search and the
-compression grid.
+"""Evaluation: retrieval metrics equal to pytrec_eval, STS correlations, memory-bounded top-k search, the
+compression grid, first stages and reranking.
 
 Modules, one concern each:
 
@@ -10,5 +10,8 @@ Modules, one concern each:
 - :mod:`~embedlab.evaluation.quantized_search`: int8, Hamming and binary-with-rescoring search on the engine;
 - :mod:`~embedlab.evaluation.reduction`: Matryoshka truncation and PCA;
 - :mod:`~embedlab.evaluation.storage`: bytes stored per vector (index and rescoring copy);
-- :mod:`~embedlab.evaluation.grid`: the compression grid (space x precision cells), its table and plot.
+- :mod:`~embedlab.evaluation.grid`: the compression grid (space x precision cells), its table and plot;
+- :mod:`~embedlab.evaluation.first_stage`: first-stage retrievers (dense, BM25, hybrid reciprocal-rank fusion, run file);
+- :mod:`~embedlab.evaluation.runs`: TREC / JSON run files (read with exact errors, written atomically);
+- :mod:`~embedlab.evaluation.rerank`: cross-encoder evaluators (rerank a first stage's candidates; STS pairs).
 """

@@ -121,6 +121,7 @@ class RetrievalEvaluator:
             corpus_chunk_size=corpus_chunk_size,
         )
         self.last_grid: list[GridCell] = []
+        self.last_runs: dict[str, dict[str, dict[str, float]]] = {}
 
     def encode_plan(self) -> list[EncodeRequest]:
         return [
@@ -153,10 +154,14 @@ class RetrievalEvaluator:
             query, document, self.search_top_k, self.similarity,
             query_chunk_size=self.query_chunk_size, corpus_chunk_size=self.corpus_chunk_size,
         )
-        return self._score(scores, indices, prefix)
+        run = search_to_run(scores, indices, self.query_ids, self.corpus_ids)
+        self.last_runs = {"run": run}  # the final ranking, for run files
+        return self._metrics(run, prefix)
 
     def _score(self, scores: torch.Tensor, indices: torch.Tensor, prefix: str) -> dict[str, float]:
-        run = search_to_run(scores, indices, self.query_ids, self.corpus_ids)
+        return self._metrics(search_to_run(scores, indices, self.query_ids, self.corpus_ids), prefix)
+
+    def _metrics(self, run: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
         return retrieval_metrics(
             run, self.task.qrels, k_values=self.k_values, prefix=prefix, ignore_identical_ids=self.ignore_identical_ids
         )
@@ -184,6 +189,7 @@ class STSEvaluator:
         self.similarity = similarity
         self.batch_size = batch_size
         self.last_grid: list[GridCell] = []
+        self.last_runs: dict = {}  # no ranking: nothing to write as a run file
 
     def encode_plan(self) -> list[EncodeRequest]:
         return [
@@ -232,8 +238,11 @@ def with_model_similarity(options: Mapping[str, Any], model) -> dict[str, Any]:
     return options
 
 
-def build_evaluator(task, **options) -> RetrievalEvaluator | STSEvaluator:
+def build_evaluator(task, registry: Mapping[type, type] | None = None, **options):
     """The evaluator for ``task`` (a RetrievalTask or STSTask), configured with the ``eval`` options.
+
+    ``registry``: task type -> evaluator class (default :data:`EVALUATORS`, the bi-encoder's; cross-encoders use
+    :data:`embedlab.evaluation.rerank.RERANK_EVALUATORS`).
 
     The ``eval`` config is shared by every task, so it holds options of all evaluators. An option the task's
     evaluator does not take is dropped when it equals the default of the evaluators that take it, and is an error
@@ -245,12 +254,13 @@ def build_evaluator(task, **options) -> RetrievalEvaluator | STSEvaluator:
             ``eval.dims does not apply to an STS task (...)`` for another evaluator's option set away from its
             default.
     """
+    registry = EVALUATORS if registry is None else registry
     try:
-        cls = EVALUATORS[type(task)]
+        cls = registry[type(task)]
     except KeyError:
-        raise TypeError(f"no evaluator for task type {type(task).__name__}; known: {[t.__name__ for t in EVALUATORS]}")
+        raise TypeError(f"no evaluator for task type {type(task).__name__}; known: {[t.__name__ for t in registry]}")
     own = _options_of(cls)
-    others = {other: _options_of(other) for other in EVALUATORS.values() if other is not cls}
+    others = {other: _options_of(other) for other in registry.values() if other is not cls}
     known = set(own).union(*others.values())
     kept = {}
     for name, value in options.items():

@@ -14,20 +14,18 @@ Two training paths:
   once per optimizer step (``distributed.all_reduce_mean_gradients``), then clipped and stepped here.
 
 Under DDP, validation/test batches are sharded by Lightning's DistributedSampler; ``_finish_eval`` gathers
-the (index, embedding) rows of every rank, computes the metrics once on rank 0 and logs the same values
+the (index, embedding) rows of every rank (``EmbedlabModule.collect_eval_rows``), computes the metrics once on rank 0 and logs the same values
 on every rank.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
@@ -89,8 +87,6 @@ class BiEncoderModule(EmbedlabModule):
         super().__init__(evaluation)
         self.model = model.train()  # from_pretrained leaves HF models in eval mode: dropout off
         self.loss = loss
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.grad_cache_mini_batch_size = grad_cache_mini_batch_size or find_mini_batch_size(loss)
         if self.grad_cache_mini_batch_size is not None and self.grad_cache_mini_batch_size < 1:
@@ -102,12 +98,7 @@ class BiEncoderModule(EmbedlabModule):
         if int(accumulate_grad_batches) < 1:
             raise ConfigError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.accumulate_grad_batches = int(accumulate_grad_batches)
-        # parameter-name prefix -> factor on the optimizer's lr, e.g. {"model.dense": 50}: a new projection
-        # learns at a higher rate than the pretrained backbone
-        self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
-        for prefix, factor in self.lr_multipliers.items():
-            if not factor >= 0:
-                raise ConfigError(f"lr_multipliers[{prefix!r}] must be >= 0, got {factor}")
+        self.configure_optimization(optimizer, scheduler, lr_multipliers)
 
     def trainer_overrides(self, trainer_cfg: Mapping) -> dict:
         """Trainer arguments to replace for this module: with GradCache (manual optimization) the module takes
@@ -202,7 +193,7 @@ class BiEncoderModule(EmbedlabModule):
             )
 
     # ------------------------------------------------------------------ evaluation
-    def build_evaluator(self, task):
+    def build_evaluator(self, task, stage: str = "test"):
         return build_evaluator(task, **with_model_similarity(self.evaluation_options, self.model))
 
     def evaluation_dataloader(self, evaluator) -> DataLoader:
@@ -214,18 +205,6 @@ class BiEncoderModule(EmbedlabModule):
         emb = self.embed(batch["texts"], batch["kind"]).float()
         self._eval_outputs.setdefault(batch["key"], []).append((batch["index"].cpu(), emb.cpu()))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_eval("test")
-
     def _finish_eval(self, stage: str) -> None:
         outputs, self._eval_outputs = self._eval_outputs, {}
         evaluator = self.evaluators.get(stage)
@@ -234,98 +213,19 @@ class BiEncoderModule(EmbedlabModule):
             return
         if distributed.world_size() == 1 and not outputs:
             return
-        embeddings = {}
-        seen_texts = total_texts = 0
-        for req in evaluator.encode_plan():
-            index, emb = self._gather_eval_rows(outputs.get(req.key, []))
-            out = torch.zeros(len(req.texts), self.model.embedding_dim)
-            seen = torch.zeros(len(req.texts), dtype=torch.bool)
-            # DistributedSampler pads with repeated batches: writes by index are idempotent
-            out[index] = emb
-            seen[index] = True
-            seen_texts, total_texts = seen_texts + int(seen.sum()), total_texts + len(req.texts)
-            embeddings[req.key] = out
-        if seen_texts < total_texts:
-            # limit_val_batches / fast_dev_run cut the epoch short: metrics of part of a corpus would mislead
-            log.warning(
-                "%s: %d of %d texts were encoded (limit_%s_batches / fast_dev_run): no %s metrics", stage, seen_texts, total_texts,
-                stage, stage,
-            )
+        sizes = {req.key: len(req.texts) for req in evaluator.encode_plan()}
+        embeddings = self.collect_eval_rows(stage, outputs, sizes, torch.zeros(0, self.model.embedding_dim))
+        if embeddings is None:
             return
         metrics = None
         if self.trainer.is_global_zero:
             metrics = {name: float(value) for name, value in evaluator.compute(embeddings, prefix=f"{stage}/").items()}
+            self.write_run_files(stage, evaluator)
             if evaluator.last_grid:
                 stem = f"{stage}_grid" if stage == "test" else f"{stage}_grid_epoch{self.current_epoch:03d}"
                 report_grid(evaluator.last_grid, self.trainer.default_root_dir, stem, self.trainer.loggers)
         metrics = distributed.broadcast_object(metrics, src=0)
         self.log_evaluation(stage, metrics)
-
-    def _gather_eval_rows(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (index, embedding) rows of one request -> every rank's, on CPU."""
-        dim = self.model.embedding_dim
-        index = torch.cat([i for i, _ in rows]) if rows else torch.zeros(0, dtype=torch.long)
-        emb = torch.cat([e for _, e in rows]) if rows else torch.zeros(0, dim)
-        if distributed.world_size() == 1:
-            return index, emb
-        # NCCL moves device tensors only: gather on the module's device, concatenated in rank order
-        index = distributed.all_gather_variable(index.to(self.device)).cpu()
-        emb = distributed.all_gather_variable(emb.to(self.device)).cpu()
-        return index, emb
-
-    # ------------------------------------------------------------------ optimizers
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=self._param_groups(), **self._fused_default(params))
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer, num_training_steps=self._optimizer_steps())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _param_groups(self) -> list[torch.Tensor] | list[dict]:
-        """The trainable parameters, split by ``lr_multipliers`` into groups with ``lr = factor * base lr``
-        (the first matching prefix wins; the rest keep the base lr). Schedulers scale every group alike."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        if not self.lr_multipliers:
-            return [p for _, p in named]
-        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
-        if base_lr is None:
-            raise ConfigError("lr_multipliers needs the optimizer's lr in its config (module.optimizer.lr)")
-        groups: dict[str, list[torch.Tensor]] = {prefix: [] for prefix in self.lr_multipliers}
-        rest = []
-        for name, param in named:
-            prefix = next((q for q in self.lr_multipliers if name == q or name.startswith(q + ".")), None)
-            (groups[prefix] if prefix is not None else rest).append(param)
-        empty = [q for q, ps in groups.items() if not ps]
-        if empty:
-            tops = sorted({".".join(n.split(".")[:2]) for n, _ in named})
-            raise ConfigError(
-                f"lr_multipliers: no trainable parameter under {', '.join(map(repr, empty))}; "
-                f"parameter names start with {', '.join(tops)}"
-            )
-        out = [{"params": ps, "lr": base_lr * self.lr_multipliers[q]} for q, ps in groups.items()]
-        return out + ([{"params": rest}] if rest else [])
-
-    def _fused_default(self, params: list[torch.Tensor]) -> dict:
-        """``{"fused": True}`` for ``torch.optim.Adam``/``AdamW`` left without ``fused``/``foreach``, when every
-        parameter is a float tensor on CPU or CUDA and the precision plugin does no mixed-precision step.
-
-        The fused kernel is one pass over all parameters instead of torch's per-tensor loop (the CPU default):
-        on all-MiniLM-L6-v2 (22.7 M parameters, 2 CPU cores) about 0.04 s instead of 0.1-0.2 s per step, the
-        same update up to float rounding; the Hugging Face Trainer uses it by default too. Lightning refuses to
-        clip the gradients of a fused optimizer under ``16-mixed``/``bf16-mixed`` (it unscales inside ``step``),
-        so those runs keep the loop. ``++module.optimizer.fused=false`` opts out.
-        """
-        factory = self.optimizer_factory
-        if not isinstance(factory, functools.partial) or factory.func not in (torch.optim.Adam, torch.optim.AdamW):
-            return {}
-        if {"fused", "foreach"} & set(factory.keywords):
-            return {}
-        if self._trainer is not None and isinstance(self.trainer.precision_plugin, L.pytorch.plugins.MixedPrecision):
-            return {}
-        if not params or not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
-            return {}
-        return {"fused": True}
 
     def _optimizer_steps(self) -> int:
         """Optimizer steps of the run (the schedule's length); GradCache accumulates in the module."""
