@@ -4,6 +4,7 @@ folder (and through sentence-transformers), run files, evaluate.py's first stage
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -151,3 +152,55 @@ def test_rerank_top_k_zero_fails_exactly(tmp_path, tiny_data_root):
     cfg = compose_config("evaluate", [f"data.root={tiny_data_root}", "logger=none", "retriever=bm25", "rerank.top_k=0"], tmp_path)
     with pytest.raises(EvalOptionError, match=r"^rerank.top_k must be an integer >= 1, got 0$"):
         evaluate(cfg)
+
+
+def test_head_lr_multiplier_gives_the_new_head_a_larger_step():
+    """The classifier and the pooler it reads get head_lr_multiplier x lr, the backbone the base lr (the group
+    without an ``lr``); an explicit lr_multipliers prefix wins over the head factor."""
+    from embedlab.lightning import CrossEncoderModule
+    from embedlab.losses import ListwiseSoftmaxLoss
+    from embedlab.models import tiny_cross_encoder
+
+    def groups(**kwargs) -> list[tuple]:
+        optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
+        module = CrossEncoderModule(tiny_cross_encoder(), ListwiseSoftmaxLoss(), optimizer=optimizer, **kwargs)
+        names = {id(p): n.removeprefix("model.model.") for n, p in module.named_parameters()}
+        if not isinstance(module._param_groups()[0], dict):  # no multiplier: plain parameter list, one group
+            return [(1e-4, sorted(names.values()))]
+        return sorted((g.get("lr", 1e-4), sorted(names[id(p)] for p in g["params"])) for g in module._param_groups())
+
+    got = groups(head_lr_multiplier=50)
+    assert [(pytest.approx(lr), names[:2] if lr < 1e-3 else names) for lr, names in got] == [
+        (pytest.approx(1e-4), ["bert.embeddings.LayerNorm.bias", "bert.embeddings.LayerNorm.weight"]),
+        (pytest.approx(5e-3), ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]),
+        (pytest.approx(5e-3), ["classifier.bias", "classifier.weight"]),
+    ]
+    assert not any(n.startswith(("classifier", "bert.pooler")) for n in got[0][1])
+    explicit = groups(head_lr_multiplier=50, lr_multipliers={"model.model.classifier": 2})
+    assert [lr for lr, _ in explicit] == [pytest.approx(1e-4), pytest.approx(2e-4), pytest.approx(5e-3)]
+    assert explicit[1][1] == ["classifier.bias", "classifier.weight"]
+    assert len(groups()) == 1  # 1.0: one group at the base lr
+
+
+def test_bi_encoder_module_refuses_a_score_loss():
+    from embedlab.lightning import BiEncoderModule
+    from embedlab.losses import BinaryCrossEntropyLoss
+    from embedlab.models import tiny_bi_encoder
+
+    with pytest.raises(ConfigError, match=r"^loss BinaryCrossEntropyLoss scores \(query, document\) pairs: it trains cross-encoders"):
+        BiEncoderModule(tiny_bi_encoder(), BinaryCrossEntropyLoss(), optimizer=torch.optim.SGD)
+
+
+def test_run_file_of_a_bi_encoder_leaves_out_the_query_itself():
+    """ignore_identical_ids: the run written is the one scored (query's own id dropped, top_k documents)."""
+    from embedlab.data.records import RetrievalTask
+    from embedlab.evaluation.evaluators import RetrievalEvaluator
+
+    texts = {f"t{i}": f"text {i}" for i in range(6)}
+    task = RetrievalTask(corpus=dict(texts), queries={"t0": "text 0", "t1": "text 1"}, qrels={"t0": {"t2": 1}, "t1": {"t3": 1}})
+    evaluator = RetrievalEvaluator(task, k_values=[1, 3], top_k=3, ignore_identical_ids=True)
+    g = torch.Generator().manual_seed(0)
+    docs = torch.randn(6, 8, generator=g)
+    evaluator.compute({"query": docs[:2].clone(), "document": docs})  # each query is its own best match
+    run = evaluator.last_runs["run"]
+    assert all(q not in ranked and len(ranked) == 3 for q, ranked in run.items())

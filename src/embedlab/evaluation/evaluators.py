@@ -155,7 +155,11 @@ class RetrievalEvaluator:
             query_chunk_size=self.query_chunk_size, corpus_chunk_size=self.corpus_chunk_size,
         )
         run = search_to_run(scores, indices, self.query_ids, self.corpus_ids)
-        self.last_runs = {"run": run}  # the final ranking, for run files
+        if self.ignore_identical_ids:  # the run file holds what the metrics score: top_k, the query itself dropped
+            kept = ({d: s for d, s in docs.items() if d != q} for q, docs in run.items())
+            self.last_runs = {"run": {q: dict(list(docs.items())[: self.top_k]) for q, docs in zip(run, kept)}}
+        else:
+            self.last_runs = {"run": run}  # the final ranking, for run files
         return self._metrics(run, prefix)
 
     def _score(self, scores: torch.Tensor, indices: torch.Tensor, prefix: str) -> dict[str, float]:

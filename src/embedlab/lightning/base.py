@@ -160,7 +160,7 @@ class EmbedlabModule(L.LightningModule):
         """Log one evaluation's metrics (the same values on every rank) and keep validation's in the history."""
         for name, value in metrics.items():
             # the same value on every rank: nothing to average (sync_dist off keeps it bit-identical)
-            self.log(name, value, prog_bar=name.endswith(("ndcg@10", "spearman_cosine")), sync_dist=False)
+            self.log(name, value, prog_bar=name.endswith(("ndcg@10", "spearman_cosine", "/spearman")), sync_dist=False)
         if stage == "val" and not self.trainer.sanity_checking:
             self.validation_history.append({"epoch": float(self.current_epoch), "step": float(self.global_step), **metrics})
 

@@ -41,6 +41,9 @@ class CrossEncoderModule(EmbedlabModule):
         optimizer: partial optimizer (``_partial_: true``), completed with the parameters here.
         scheduler: partial ``(optimizer, num_training_steps) -> LR scheduler`` or ``None``; stepped per step.
         lr_multipliers: ``{parameter-name prefix: factor}`` on the optimizer's lr, e.g. ``{model.model.classifier: 10}``.
+        head_lr_multiplier: factor on the lr of the scoring head (:meth:`CrossEncoder.head_parameter_prefixes`):
+            a head started on an encoder folder begins from random weights and, at a backbone's fine-tuning lr,
+            barely moves in a short run (every score stays equal and a listwise loss stays at log(group size)).
         first_stage: the retriever whose candidates a retrieval validation/test reranks (``retriever`` group).
         val_top_k: candidates reranked per validation query (``None``: ``evaluation.top_k``, as the test): validation
             runs at every epoch, so a shallower list keeps it cheap.
@@ -54,6 +57,7 @@ class CrossEncoderModule(EmbedlabModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         lr_multipliers: Mapping[str, float] | None = None,
+        head_lr_multiplier: float = 1.0,
         first_stage=None,
         val_top_k: int | None = None,
         evaluation: Mapping[str, Any] | None = None,
@@ -70,7 +74,9 @@ class CrossEncoderModule(EmbedlabModule):
         self.loss = loss
         self.first_stage = first_stage
         self.val_top_k = val_top_k
-        self.configure_optimization(optimizer, scheduler, lr_multipliers)
+        # the scoring head (classifier and the pooler it reads) at head_lr_multiplier x lr; explicit prefixes win
+        head = {f"model.{p}": float(head_lr_multiplier) for p in model.head_parameter_prefixes()} if head_lr_multiplier != 1 else {}
+        self.configure_optimization(optimizer, scheduler, {**head, **dict(lr_multipliers or {})})
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._eval_started: float | None = None
 

@@ -85,6 +85,11 @@ class BiEncoderModule(EmbedlabModule):
         evaluation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(evaluation)
+        if getattr(loss, "consumes", None) == "scores":
+            raise ConfigError(
+                f"loss {type(loss).__name__} scores (query, document) pairs: it trains cross-encoders "
+                "(module=cross_encoder model=cross_encoder_minilm_l6); a bi-encoder needs an embedding loss (loss=mnrl, cosent, ...)"
+            )
         self.model = model.train()  # from_pretrained leaves HF models in eval mode: dropout off
         self.loss = loss
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -175,6 +175,18 @@ class CrossEncoder(nn.Module):
             logits = self.activate(logits)
         return logits.squeeze(1) if self.num_labels == 1 else logits
 
+    def head_parameter_prefixes(self) -> list[str]:
+        """Name prefixes (as in ``named_parameters()``) of the scoring head: every parameter outside the
+        backbone (e.g. ``model.classifier``) and the backbone's pooler when the head reads it (BERT's
+        ``model.bert.pooler``). A head started on an encoder folder is new, so training can give these a larger
+        learning rate than the pretrained backbone (``module.head_lr_multiplier``)."""
+        backbone = self.model.base_model_prefix
+        outside = sorted({name.split(".")[1] for name, _ in self.named_parameters() if name.split(".")[1] != backbone})
+        prefixes = [f"model.{name}" for name in outside]
+        if any(name.startswith(f"model.{backbone}.pooler.") for name, _ in self.named_parameters()):
+            prefixes.append(f"model.{backbone}.pooler")
+        return prefixes
+
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """The scores ``predict`` returns from raw logits: :attr:`activation` applied (sigmoid or identity)."""
         return torch.sigmoid(logits) if self.activation == "sigmoid" else logits
