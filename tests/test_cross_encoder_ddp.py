@@ -22,6 +22,9 @@ from embedlab.data.collate import collate_examples
 from tests.conftest import assert_rel, make_examples
 from tests.test_distributed import CLIP, LOCAL_BATCH, LR, WORLD, _free_port, _make_capture, _trainer
 
+# two spawned processes with a Lightning fit and test each: the slow step (the bi-encoder's DDP checks, which
+# share the worker machinery, stay in the fast suite)
+pytestmark = pytest.mark.slow
 LOSSES = ("listwise", "bce", "ranknet")
 
 
