@@ -27,10 +27,10 @@ import torch
 
 from embedlab.atomic import atomic_write_text
 from embedlab.data.readers import load_beir
-from embedlab.evaluation.first_stage import BM25Retriever, DenseRetriever, RunFileRetriever, reciprocal_rank_fusion
+from embedlab.evaluation.first_stage import BM25Retriever, DenseRetriever, HybridRetriever, RunFileRetriever
 from embedlab.evaluation.metrics import per_query_metrics
 from embedlab.evaluation.rerank import RerankEvaluator
-from embedlab.evaluation.runs import top_k_run, write_trec_run
+from embedlab.evaluation.runs import write_trec_run
 from embedlab.evaluation.significance import paired_stats, train_overlap_subsets
 from embedlab.models import BiEncoder, CrossEncoder
 
@@ -48,12 +48,14 @@ def first_stages(task, bi_encoder: str, depth: int, work: Path) -> tuple[dict[st
     start = time.perf_counter()
     runs["bm25"] = BM25Retriever().retrieve(task, depth)
     seconds["bm25"] = time.perf_counter() - start
+    paths = {name: write_trec_run(run, work / f"first_stage_{name}.trec") for name, run in runs.items()}
+    # retriever=hybrid itself, fed the two runs above instead of retrieving (and encoding the corpus) again
+    hybrid = HybridRetriever({name: RunFileRetriever(paths[name]) for name in ("dense", "bm25")}, k=60)
     for hybrid_depth in sorted({depth, 100}):
         start = time.perf_counter()
-        parts = {name: top_k_run(runs[name], hybrid_depth) for name in ("dense", "bm25")}
-        runs[f"hybrid{hybrid_depth}"] = top_k_run(reciprocal_rank_fusion(parts, k=60), hybrid_depth)
+        run = hybrid.retrieve(task, hybrid_depth, show_progress_bar=False)
         seconds[f"hybrid{hybrid_depth}"] = seconds["dense"] + seconds["bm25"] + time.perf_counter() - start
-    paths = {name: write_trec_run(run, work / f"first_stage_{name}.trec") for name, run in runs.items()}
+        paths[f"hybrid{hybrid_depth}"] = write_trec_run(run, work / f"first_stage_hybrid{hybrid_depth}.trec")
     return paths, seconds
 
 

@@ -25,7 +25,7 @@ from embedlab.evaluation.evaluators import build_evaluator, with_model_similarit
 from embedlab.evaluation.first_stage import DenseRetriever
 from embedlab.evaluation.grid import report_grid
 from embedlab.evaluation.rerank import CrossEncoderSTSEvaluator, RerankEvaluator
-from embedlab.evaluation.runs import write_trec_run
+from embedlab.evaluation.runs import write_trec_runs
 from embedlab.models.cross_encoder import CrossEncoder
 from embedlab.training import close_loggers, instantiate_list, write_metrics
 
@@ -65,8 +65,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     output_dir = Path(cfg.paths.output_dir)
     write_metrics(metrics, output_dir)
-    for name, run in evaluator.last_runs.items():
-        log.info("run file: %s", write_trec_run(run, output_dir / f"test_{name}.trec"))
+    for path in write_trec_runs(evaluator.last_runs, output_dir, "test"):
+        log.info("run file: %s", path)
     loggers = instantiate_list(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
@@ -96,7 +96,10 @@ def two_stage(cfg: DictConfig, task, device: torch.device):
     if cfg.get("retriever") is not None:
         first_stage = instantiate(cfg.retriever)
     else:
-        first_stage = DenseRetriever(model=instantiate(cfg.model), batch_size=cfg.eval.batch_size, similarity=cfg.eval.similarity)
+        first_stage = DenseRetriever(
+            model=instantiate(cfg.model), batch_size=cfg.eval.batch_size, similarity=cfg.eval.similarity,
+            search=cfg.eval.search, query_chunk_size=cfg.eval.query_chunk_size, corpus_chunk_size=cfg.eval.corpus_chunk_size,
+        )
     for model in getattr(first_stage, "models", lambda: [])():
         model.to(device)
     evaluator = RerankEvaluator(

@@ -66,9 +66,7 @@ class EncodeBatches(Dataset):
         self.sizes = {}
         for req in requests:
             self.sizes[req.key] = len(req.texts)
-            order = sorted(range(len(req.texts)), key=lambda i: -len(req.texts[i]))
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in length_sorted_batches([len(t) for t in req.texts], batch_size):
                 self.batches.append(
                     {"key": req.key, "kind": req.kind, "index": torch.tensor(idx), "texts": [req.texts[i] for i in idx]}
                 )
@@ -78,6 +76,13 @@ class EncodeBatches(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.batches[i]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Positions ``0..len(lengths)-1`` in batches of ``batch_size``, longest first (ties keep their order), so
+    each batch pads little."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def identity_collate(item):

@@ -25,6 +25,7 @@ from embedlab.data.records import RetrievalTask, STSTask
 from embedlab.errors import UserError
 from embedlab.evaluation.grid import CompressionGrid, GridCell
 from embedlab.evaluation.metrics import retrieval_metrics
+from embedlab.evaluation.runs import drop_identical_ids, top_k_run
 from embedlab.evaluation.search import (
     DEFAULT_CORPUS_CHUNK_SIZE,
     DEFAULT_QUERY_CHUNK_SIZE,
@@ -155,11 +156,8 @@ class RetrievalEvaluator:
             query_chunk_size=self.query_chunk_size, corpus_chunk_size=self.corpus_chunk_size,
         )
         run = search_to_run(scores, indices, self.query_ids, self.corpus_ids)
-        if self.ignore_identical_ids:  # the run file holds what the metrics score: top_k, the query itself dropped
-            kept = ({d: s for d, s in docs.items() if d != q} for q, docs in run.items())
-            self.last_runs = {"run": {q: dict(list(docs.items())[: self.top_k]) for q, docs in zip(run, kept)}}
-        else:
-            self.last_runs = {"run": run}  # the final ranking, for run files
+        # the final ranking, for run files: what the metrics score (top_k, without the query itself)
+        self.last_runs = {"run": top_k_run(drop_identical_ids(run), self.top_k) if self.ignore_identical_ids else run}
         return self._metrics(run, prefix)
 
     def _score(self, scores: torch.Tensor, indices: torch.Tensor, prefix: str) -> dict[str, float]:

@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
+from embedlab.data.collate import length_sorted_batches
 from embedlab.data.records import RetrievalTask, STSTask
 from embedlab.evaluation.evaluators import EvalOptionError
 from embedlab.evaluation.metrics import retrieval_metrics
-from embedlab.evaluation.runs import Run, top_k_run
+from embedlab.evaluation.runs import Run, drop_identical_ids, top_k_run
 
 #: metric-name segment of the first stage's metrics (``test/first_stage/ndcg@10``)
 FIRST_STAGE = "first_stage"
@@ -50,12 +51,8 @@ class ScoreBatches(Dataset):
         if batch_size < 1:
             raise EvalOptionError(f"batch_size must be >= 1, got {batch_size}")
         self.batches = []
-        self.sizes = {}
         for req in requests:
-            self.sizes[req.key] = len(req.pairs)
-            order = sorted(range(len(req.pairs)), key=lambda i: -(len(req.pairs[i][0]) + len(req.pairs[i][1])))
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in length_sorted_batches([len(q) + len(d) for q, d in req.pairs], batch_size):
                 self.batches.append({
                     "key": req.key,
                     "index": torch.tensor(idx),
@@ -120,15 +117,9 @@ class RerankEvaluator:
         start = time.perf_counter()
         run = self.first_stage.retrieve(self.task, self.top_k, show_progress_bar=show_progress_bar)
         self.first_stage_seconds = time.perf_counter() - start
-        if self.ignore_identical_ids:
-            run = {q: {d: s for d, s in docs.items() if d != q} for q, docs in run.items()}
-        self.first_run = top_k_run(run, self.top_k)
-        # fixed order: query order of the task, then the first stage's ranking
-        self.candidates = [
-            (q, d)
-            for q in self.task.queries
-            for d, _ in sorted(self.first_run.get(q, {}).items(), key=lambda x: (-x[1], x[0]))
-        ]
+        self.first_run = top_k_run(drop_identical_ids(run) if self.ignore_identical_ids else run, self.top_k)
+        # fixed order: query order of the task, then the first stage's ranking (top_k_run keeps it)
+        self.candidates = [(q, d) for q in self.task.queries for d in self.first_run.get(q, {})]
 
     def score_plan(self) -> list[ScoreRequest]:
         self.prepare()

@@ -35,7 +35,7 @@ from embedlab.data.records import RetrievalTask
 from embedlab.errors import ConfigError
 from embedlab.evaluation.metrics import rank_documents
 
-__all__ = ["Run", "read_run", "top_k_run", "write_json_run", "write_trec_run"]
+__all__ = ["Run", "drop_identical_ids", "read_run", "top_k_run", "write_json_run", "write_trec_run", "write_trec_runs"]
 
 #: ``{query_id: {doc_id: score}}``, higher score = better.
 Run = dict[str, dict[str, float]]
@@ -56,6 +56,11 @@ def _check_score(score: float, where: str) -> float:
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         raise DataError(f"{where}: score {score!r} is not a finite number")
     return float(score)
+
+
+def write_trec_runs(runs: Mapping[str, Mapping[str, Mapping[str, float]]], folder: str | PathLike[str], prefix: str) -> list[Path]:
+    """An evaluator's runs (``{"run": final, "first_stage": ...}``) as ``<folder>/<prefix>_<name>.trec``."""
+    return [write_trec_run(run, Path(folder) / f"{prefix}_{name}.trec") for name, run in runs.items()]
 
 
 def write_trec_run(run: Mapping[str, Mapping[str, float]], path: str | PathLike[str], tag: str = "embedlab") -> Path:
@@ -190,6 +195,12 @@ def _read_json(path: Path, text: str, task: RetrievalTask | None) -> Run:
             doc_id: _check_score(score, f"{path}: query {qid!r}: document {doc_id!r}") for doc_id, score in docs.items()
         }
     return run
+
+
+def drop_identical_ids(run: Mapping[str, Mapping[str, float]]) -> Run:
+    """The run without any document whose id equals its query's id (BEIR's ``ignore_identical_ids``, for corpora
+    that contain the queries)."""
+    return {qid: {doc_id: score for doc_id, score in docs.items() if doc_id != qid} for qid, docs in run.items()}
 
 
 def top_k_run(run: Mapping[str, Mapping[str, float]], k: int) -> Run:

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedlab import distributed
 from embedlab.errors import ConfigError, UserError
-from embedlab.evaluation.runs import write_trec_run
+from embedlab.evaluation.runs import write_trec_runs
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +167,9 @@ class EmbedlabModule(L.LightningModule):
     def write_run_files(self, stage: str, evaluator) -> list[Path]:
         """Write the evaluator's final rankings (``last_runs``) as TREC run files under ``<run dir>/runs/``:
         ``test_run.trec`` (and ``test_first_stage.trec`` for two-stage evaluators), ``val_epoch003_run.trec``."""
-        runs = getattr(evaluator, "last_runs", None) or {}
-        folder = Path(self.trainer.default_root_dir) / "runs"
         epoch = "" if stage == "test" else f"_epoch{self.current_epoch:03d}"
-        return [write_trec_run(run, folder / f"{stage}{epoch}_{name}.trec") for name, run in runs.items()]
+        runs = getattr(evaluator, "last_runs", None) or {}
+        return write_trec_runs(runs, Path(self.trainer.default_root_dir) / "runs", f"{stage}{epoch}")
 
     def best_validation(self, monitor: str, mode: str = "max") -> dict[str, float] | None:
         """The history entry with the best ``monitor`` value (the first of equal ones, as ModelCheckpoint keeps)."""
