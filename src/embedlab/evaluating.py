@@ -18,16 +18,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from embedlab.cache import cache_from_options
 from embedlab.data.errors import DataError
 from embedlab.data.records import STSTask
 from embedlab.errors import ConfigError
-from embedlab.evaluation.evaluators import build_evaluator, with_model_similarity
+from embedlab.evaluation.evaluators import build_evaluator, encode_plan, with_model_similarity
 from embedlab.evaluation.first_stage import DenseRetriever
 from embedlab.evaluation.grid import report_grid
 from embedlab.evaluation.rerank import CrossEncoderSTSEvaluator, RerankEvaluator
 from embedlab.evaluation.runs import write_trec_runs
 from embedlab.models.cross_encoder import CrossEncoder
-from embedlab.training import close_loggers, instantiate_list, write_metrics
+from embedlab.outputs import close_loggers, instantiate_list, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate ``cfg.model`` on ``cfg.data.test`` with the ``eval`` options; returns (metrics, objects).
 
     Only the test source is built: a data config whose training path is unset (``data=file``, ``data=pairs``)
-    evaluates as well as a full one.
+    evaluates as well as a full one. With ``eval.cache_dir`` the bi-encoder's embeddings are read from / stored
+    in an :class:`~embedlab.cache.EmbeddingCache` (docs/cache.md); ``test/eval_seconds`` then includes hashing
+    the weights and, when some text is not cached, moving the model to the device.
     """
     if cfg.data.get("test") is None:
         raise DataError(
@@ -52,13 +55,26 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     task = instantiate(cfg.data.test).task()
     device = resolve_device(cfg.get("device"))
     rerank = cfg.get("rerank") or {}
+    cache, options = cache_from_options(OmegaConf.to_container(cfg.eval, resolve=True))
+    progress = cfg.get("progress_bar", True)
     if cfg.get("retriever") is None and not rerank.get("model"):
-        model = instantiate(cfg.model).to(device)
-        evaluator = build_evaluator(task, **with_model_similarity(OmegaConf.to_container(cfg.eval, resolve=True), model))
+        model = instantiate(cfg.model)
+        if cache is None:
+            model = model.to(device)
+        evaluator = build_evaluator(task, **with_model_similarity(options, model))
     else:
+        if cache is not None:
+            log.warning("eval.cache_dir is used by the bi-encoder evaluation only: the two-stage pipeline encodes without it")
+            cache = None
         evaluator, model = two_stage(cfg, task, device)
     start = time.perf_counter()
-    metrics = evaluator.evaluate(model, prefix="test/", show_progress_bar=cfg.get("progress_bar", True))
+    if cache is None:
+        metrics = evaluator.evaluate(model, prefix="test/", show_progress_bar=progress)
+    else:
+        # evaluator.evaluate's two steps, the encoding through the cache; the model moves to the device only
+        # when a text is missing from it (a full hit pays for neither the device start-up nor the copy)
+        embeddings = encode_plan(model, evaluator.encode_plan(), evaluator.batch_size, progress, cache=cache, device=device)
+        metrics = evaluator.compute(embeddings, prefix="test/")
     metrics["test/eval_seconds"] = time.perf_counter() - start
     for name, value in sorted(metrics.items()):
         log.info("%s = %.4f", name, value)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
-from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
+from embedlab.cache import EmbeddingCache, model_fingerprint, weights_digest
 from embedlab.data.records import RetrievalTask, STSTask
 from embedlab.errors import UserError
 from embedlab.evaluation.grid import CompressionGrid, GridCell
-from embedlab.evaluation.metrics import retrieval_metrics
+from embedlab.evaluation.metrics import correlations, retrieval_metrics
 from embedlab.evaluation.runs import drop_identical_ids, top_k_run
 from embedlab.evaluation.search import (
     DEFAULT_CORPUS_CHUNK_SIZE,
@@ -206,10 +206,8 @@ class STSEvaluator:
         predicted = (left * right).sum(dim=1).cpu()  # (P,)
         gold = torch.as_tensor(self.task.scores, dtype=torch.float64)  # (P,)
         name = self._KEY_NAMES[self.similarity]
-        return {
-            f"{prefix}spearman_{name}": float(spearman_corrcoef(predicted, gold)) * 100,
-            f"{prefix}pearson_{name}": float(pearson_corrcoef(predicted, gold)) * 100,
-        }
+        spearman, pearson = correlations(predicted, gold)
+        return {f"{prefix}spearman_{name}": spearman, f"{prefix}pearson_{name}": pearson}
 
     def evaluate(self, model, prefix: str = "test/", show_progress_bar: bool = True) -> dict[str, float]:
         return self.compute(encode_plan(model, self.encode_plan(), self.batch_size, show_progress_bar), prefix)
@@ -217,6 +215,10 @@ class STSEvaluator:
 
 #: task type -> evaluator class; a new evaluator registers here, and its keyword arguments become ``eval`` options
 EVALUATORS: dict[type, type] = {RetrievalTask: RetrievalEvaluator, STSTask: STSEvaluator}
+
+
+#: ``eval`` options of the encoding side, dropped by :func:`build_evaluator` (``cache_dir``: :mod:`embedlab.cache`)
+ENCODE_OPTIONS = ("cache_dir",)
 
 
 def _options_of(cls: type) -> dict[str, Any]:
@@ -257,6 +259,8 @@ def build_evaluator(task, registry: Mapping[type, type] | None = None, **options
             default.
     """
     registry = EVALUATORS if registry is None else registry
+    # the embedding cache is the encoding side's option (encode_plan, the module's steps), not an evaluator's
+    options = {k: v for k, v in options.items() if k not in ENCODE_OPTIONS}
     try:
         cls = registry[type(task)]
     except KeyError:
@@ -280,8 +284,33 @@ def build_evaluator(task, registry: Mapping[type, type] | None = None, **options
     return cls(task, **kept)
 
 
-def encode_plan(model, plan: list[EncodeRequest], batch_size: int, show_progress_bar: bool) -> dict[str, torch.Tensor]:
+def encode_plan(
+    model,
+    plan: list[EncodeRequest],
+    batch_size: int,
+    show_progress_bar: bool,
+    cache: EmbeddingCache | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Embed every request of ``plan`` with ``model.encode``: ``{request key: (N, D) float32 CPU}``.
+
+    With ``cache`` (``eval.cache_dir``, :class:`~embedlab.cache.EmbeddingCache`) cached rows are read and only
+    the missing texts are encoded (and stored); the weights are hashed once for the whole plan. ``device``
+    (cache only): where the model moves before it encodes a missing text, so a full hit leaves it where it is.
+    """
+    if cache is None:
+        return {
+            req.key: model.encode(
+                req.texts, kind=req.kind, batch_size=batch_size, show_progress_bar=show_progress_bar, desc=f"encode {req.key}"
+            )
+            for req in plan
+        }
+    weights = weights_digest(model)
+    device_type = torch.device(device).type if device is not None else None
     return {
-        req.key: model.encode(req.texts, kind=req.kind, batch_size=batch_size, show_progress_bar=show_progress_bar, desc=f"encode {req.key}")
+        req.key: cache.encode(
+            model, req.texts, kind=req.kind, batch_size=batch_size, show_progress_bar=show_progress_bar,
+            desc=f"encode {req.key}", fingerprint=model_fingerprint(model, req.kind, weights, device_type), device=device,
+        )
         for req in plan
     }
