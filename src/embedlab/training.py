@@ -6,8 +6,8 @@ thin Hydra entry point around it.
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,37 +16,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from embedlab.atomic import atomic_write_text
 from embedlab.models.checkpoint import safe_load
+from embedlab.outputs import close_loggers, instantiate_list, write_metrics
 
 log = logging.getLogger(__name__)
-
-
-def instantiate_list(cfg: DictConfig | None) -> list:
-    """Instantiate every ``_target_`` entry of a config group mapping (callbacks, loggers)."""
-    if not cfg:
-        return []
-    return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
-
-
-def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
-    """Write a flat ``metrics.json`` (floats only) into ``output_dir``, atomically (never half-written)."""
-    path = Path(output_dir) / "metrics.json"
-    flat = {k: float(v) for k, v in sorted(metrics.items())}
-    atomic_write_text(path, json.dumps(flat, indent=2) + "\n")
-    return path
-
-
-def close_loggers(loggers: list, status: str = "success") -> None:
-    """Finalize loggers; W&B runs are finished so the offline run folder holds its summary and config
-    (``status="failed"``: the run is marked failed, and what was logged before the error is kept)."""
-    for lg in loggers:
-        lg.finalize(status)
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish(exit_code=0 if status == "success" else 1)
 
 
 def partial_validation(trainer_cfg: DictConfig) -> str | None:
@@ -122,8 +95,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def _fit_test_save(cfg: DictConfig, datamodule, module, trainer: L.Trainer, loggers: list) -> tuple[dict[str, float], str | None, Path | None]:
     """Fit, select the best validation, run the post-fit stages, test, save: ``(metrics, best checkpoint, model dir)``."""
     output_dir = Path(cfg.paths.output_dir)
+    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    # this process's fit (a resumed run counts from its restart), validations included
+    metrics["train/fit_seconds"] = time.perf_counter() - start
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
@@ -149,5 +125,6 @@ def _fit_test_save(cfg: DictConfig, datamodule, module, trainer: L.Trainer, logg
         write_metrics(metrics, output_dir)
         for lg in loggers:
             # train/* and val/* were logged during fitting; val/best_epoch says which validation was selected
-            lg.log_metrics({k: v for k, v in metrics.items() if not k.startswith(("train/", "val/")) or k == "val/best_epoch"})
+            once = ("val/best_epoch", "train/fit_seconds")
+            lg.log_metrics({k: v for k, v in metrics.items() if not k.startswith(("train/", "val/")) or k in once})
     return metrics, best, model_dir

@@ -44,8 +44,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 #: metric names, in the order they appear in the output dicts
 METRICS = ("ndcg", "map", "mrr", "recall", "precision")
@@ -203,3 +207,11 @@ def retrieval_metrics(
     table = np.array([[row[name] for name in names] for row in per_query.values()], dtype=np.float64)
     means = table.mean(axis=0).tolist()
     return {f"{prefix}{name}": mean for name, mean in zip(names, means)}
+
+
+def correlations(predicted: torch.Tensor, gold: torch.Tensor) -> tuple[float, float]:
+    """``(Spearman, Pearson)`` in percent between (P,) predicted similarities and (P,) gold scores
+    (``torchmetrics.functional``, imported here: it pulls in scipy and takes seconds to import)."""
+    from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+    return float(spearman_corrcoef(predicted, gold)) * 100, float(pearson_corrcoef(predicted, gold)) * 100

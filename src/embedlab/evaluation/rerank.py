@@ -21,12 +21,11 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
-from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
 from embedlab.data.collate import length_sorted_batches
 from embedlab.data.records import RetrievalTask, STSTask
 from embedlab.evaluation.evaluators import EvalOptionError
-from embedlab.evaluation.metrics import retrieval_metrics
+from embedlab.evaluation.metrics import correlations, retrieval_metrics
 from embedlab.evaluation.runs import Run, drop_identical_ids, top_k_run
 
 #: metric-name segment of the first stage's metrics (``test/first_stage/ndcg@10``)
@@ -186,10 +185,8 @@ class CrossEncoderSTSEvaluator:
     def compute(self, scores: dict[str, torch.Tensor], prefix: str = "test/", rerank_seconds: float | None = None) -> dict[str, float]:
         predicted = scores["pairs"].detach().double().cpu().reshape(-1)  # (P,)
         gold = torch.as_tensor(self.task.scores, dtype=torch.float64)  # (P,)
-        return {
-            f"{prefix}spearman": float(spearman_corrcoef(predicted, gold)) * 100,
-            f"{prefix}pearson": float(pearson_corrcoef(predicted, gold)) * 100,
-        }
+        spearman, pearson = correlations(predicted, gold)
+        return {f"{prefix}spearman": spearman, f"{prefix}pearson": pearson}
 
     def evaluate(self, model, prefix: str = "test/", show_progress_bar: bool = True) -> dict[str, float]:
         return self.compute(predict_plan(model, self.score_plan(), self.batch_size, show_progress_bar), prefix)
