@@ -68,8 +68,9 @@ def grad_cache_backward(
     assemble: Callable[[list[torch.Tensor]], EmbeddedBatch],
     loss: Callable[[EmbeddedBatch], dict[str, torch.Tensor]],
     mini_batch_size: int,
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    backward: Callable[..., None] = torch.Tensor.backward,
     loss_scale: float = 1.0,
+    loss_parameters: Sequence[torch.Tensor] = (),
 ) -> dict[str, torch.Tensor]:
     """One GradCache step: parameter gradients of ``loss_scale * loss`` accumulated into ``.grad``.
 
@@ -82,6 +83,8 @@ def grad_cache_backward(
         backward: how to backpropagate a mini-batch's surrogate (the module passes ``manual_backward``,
             so precision plugins scale it).
         loss_scale: factor on the gradient (1 / accumulation steps).
+        loss_parameters: trainable parameters between the embeddings and the loss (a distillation projection, a
+            learned scale): step 2 backpropagates into them too (``backward(..., inputs=...)``), as the plain step would.
 
     Returns the loss terms, detached.
     """
@@ -101,7 +104,11 @@ def grad_cache_backward(
         leaves.append(torch.cat(outs).detach().requires_grad_())
     # 2. the loss on the full batch; gradients with respect to the embeddings only
     terms = loss(assemble(leaves))
-    grads = torch.autograd.grad(terms["loss"] * loss_scale, leaves, allow_unused=True)
+    scaled = terms["loss"] * loss_scale
+    params = [p for p in loss_parameters if p.requires_grad]
+    grads = torch.autograd.grad(scaled, leaves, allow_unused=True, retain_graph=bool(params))
+    if params:  # their whole gradient comes from this one graph; `backward` keeps AMP's loss scaling
+        backward(scaled, inputs=params)
     # 3. replay each mini-batch with a graph and push its slice of the embedding gradient into the model
     for parts, grad in zip(chunks, grads):
         if grad is None:  # the loss does not use this side

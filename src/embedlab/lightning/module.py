@@ -16,6 +16,12 @@ Two training paths:
 Under DDP, validation/test batches are sharded by Lightning's DistributedSampler; ``_finish_eval`` gathers
 the (index, embedding) rows of every rank (``EmbedlabModule.collect_eval_rows``), computes the metrics once on rank 0 and logs the same values
 on every rank.
+
+With ``eval.cache_dir`` (:class:`~embedlab.cache.EmbeddingCache`, docs/cache.md) an evaluation step reads the rows
+the cache holds for the model's current fingerprint (hashed once per evaluation epoch, at its first step, so it
+sees the step's autocast) and embeds only the others; at epoch end rank 0 stores the rows the cache lacked. A
+test after a validation with the same weights, or a second validation without a training step between, then
+encodes nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from embedlab import distributed
+from embedlab.cache import EmbeddingCache, cache_from_options, model_fingerprint, weights_digest
 from embedlab.data.collate import EncodeBatches, identity_collate
 from embedlab.errors import ConfigError
 from embedlab.evaluation.evaluators import build_evaluator, with_model_similarity
@@ -68,7 +75,8 @@ class BiEncoderModule(EmbedlabModule):
             exactly as automatic optimization does; it adds no in-batch negatives.
         lr_multipliers: ``{parameter-name prefix: factor}`` on the optimizer's lr (:meth:`_param_groups`).
         evaluation: the ``eval`` options of the evaluators built from the data's validation/test tasks;
-            ``similarity: null`` there means the model's own similarity.
+            ``similarity: null`` there means the model's own similarity; ``cache_dir`` turns on the embedding
+            cache for validation/test (see the module doc).
     """
 
     def __init__(
@@ -93,6 +101,9 @@ class BiEncoderModule(EmbedlabModule):
         self.model = model.train()  # from_pretrained leaves HF models in eval mode: dropout off
         self.loss = loss
         self._eval_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.eval_cache: EmbeddingCache | None = cache_from_options(self.evaluation_options)[0]
+        # {kind: fingerprint} of the evaluation epoch in progress (None: not hashed yet this epoch)
+        self._eval_fingerprints: dict[str, str] | None = None
         self.grad_cache_mini_batch_size = grad_cache_mini_batch_size or find_mini_batch_size(loss)
         if self.grad_cache_mini_batch_size is not None and self.grad_cache_mini_batch_size < 1:
             raise ConfigError(f"grad_cache_mini_batch_size must be >= 1, got {self.grad_cache_mini_batch_size}")
@@ -160,6 +171,8 @@ class BiEncoderModule(EmbedlabModule):
                 mini_batch_size=self.grad_cache_mini_batch_size,
                 backward=self.manual_backward,
                 loss_scale=1.0 / self.accumulate_grad_batches,
+                # trainable parameters outside the encoder (e.g. the distillation projection)
+                loss_parameters=[p for n, p in self.named_parameters() if not n.startswith("model.")],
             )
         self.check_finite(terms)  # before the optimizer step: a NaN must not reach the weights
         if self._ends_accumulation(batch_idx):
@@ -199,19 +212,58 @@ class BiEncoderModule(EmbedlabModule):
 
     # ------------------------------------------------------------------ evaluation
     def build_evaluator(self, task, stage: str = "test"):
-        return build_evaluator(task, **with_model_similarity(self.evaluation_options, self.model))
+        _, options = cache_from_options(self.evaluation_options)  # cache_dir is no evaluator option
+        return build_evaluator(task, **with_model_similarity(options, self.model))
 
     def evaluation_dataloader(self, evaluator) -> DataLoader:
         """The evaluator's texts in encoding batches ({key, kind, index, texts}); Lightning shards them under DDP."""
         batches = EncodeBatches(evaluator.encode_plan(), evaluator.batch_size)
         return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=identity_collate, num_workers=0)
 
+    def on_validation_epoch_start(self) -> None:
+        self._eval_fingerprints = None  # the weights may have changed since the last evaluation: hash them again
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_fingerprints = None
+
     def _eval_step(self, batch: dict) -> None:
-        emb = self.embed(batch["texts"], batch["kind"]).float()
+        if self.eval_cache is None:
+            emb = self.embed(batch["texts"], batch["kind"]).float()
+        else:
+            emb = self._cached_embed(batch["texts"], batch["kind"])
         self._eval_outputs.setdefault(batch["key"], []).append((batch["index"].cpu(), emb.cpu()))
+
+    def _cached_embed(self, texts: list[str], kind: str) -> torch.Tensor:
+        """(B, D) float32 CPU: the cache's rows for ``texts``, the texts it lacks embedded now."""
+        if self._eval_fingerprints is None:
+            # first step of the epoch: one pass over the weights, inside the step's precision context
+            weights = weights_digest(self.model)
+            self._eval_fingerprints = {k: model_fingerprint(self.model, k, weights) for k in ("query", "document")}
+        found, missing = self.eval_cache.lookup(self._eval_fingerprints[kind], texts)
+        if not missing:
+            return found
+        new = self.embed([texts[i] for i in missing], kind).float().cpu()  # (M, D)
+        out = found if found is not None else new.new_zeros(len(texts), new.shape[1])
+        out[missing] = new
+        return out
+
+    def _store_eval_rows(self, evaluator, embeddings: dict[str, torch.Tensor], fingerprints: dict[str, str] | None) -> None:
+        """Rank 0 at epoch end: store each request's rows the cache lacks (``store`` skips the cached ones).
+
+        Every rank's rows are gathered by then, so rows computed on any rank are stored once. ``fingerprints``
+        is ``None`` when this rank ran no step (nothing hashed): nothing is stored then.
+        """
+        if self.eval_cache is None or fingerprints is None:
+            return
+        for req in evaluator.encode_plan():
+            try:
+                self.eval_cache.store(fingerprints[req.kind], req.texts, embeddings[req.key])
+            except (OSError, ValueError) as err:  # never raise here: the other ranks wait in the broadcast
+                log.warning("embedding cache: %s rows not stored (%s)", req.key, err)
 
     def _finish_eval(self, stage: str) -> None:
         outputs, self._eval_outputs = self._eval_outputs, {}
+        fingerprints, self._eval_fingerprints = self._eval_fingerprints, None
         evaluator = self.evaluators.get(stage)
         # every decision before the gather must be the same on all ranks (a rank may hold no batch at all)
         if self.trainer.sanity_checking or evaluator is None:
@@ -225,6 +277,7 @@ class BiEncoderModule(EmbedlabModule):
         metrics = None
         if self.trainer.is_global_zero:
             metrics = {name: float(value) for name, value in evaluator.compute(embeddings, prefix=f"{stage}/").items()}
+            self._store_eval_rows(evaluator, embeddings, fingerprints)
             self.write_run_files(stage, evaluator)
             if evaluator.last_grid:
                 stem = f"{stage}_grid" if stage == "test" else f"{stage}_grid_epoch{self.current_epoch:03d}"
