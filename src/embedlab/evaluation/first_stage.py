@@ -179,6 +179,8 @@ class BM25Retriever:
         stopwords: ``"en"`` (bm25s' English list), another language bm25s knows (``"de"``, ``"fr"``...), a list of
             words, or ``None`` for none.
         stemmer: a PyStemmer (Snowball) language such as ``"english"``, or ``None`` for no stemming.
+        config_key: the config node these options come from, named in errors (``retriever``; a BM25 teacher
+            passes its own).
 
     Candidates: only documents that hold at least one query token are listed (a document matching nothing has no
     BM25 evidence; ranking it at score 0 among thousands of ties would be arbitrary), so a query can get fewer than
@@ -188,6 +190,9 @@ class BM25Retriever:
     The index is built on the first :meth:`retrieve` of a corpus and reused while later calls pass the same corpus
     object (``task.corpus``, compared by identity and size), so per-epoch validation indexes once. Build a new
     dict rather than editing a retrieved corpus in place.
+
+    :meth:`score` gives the BM25 score of chosen documents instead of the top ``k`` (e.g. a teacher scoring mined
+    candidates, :mod:`embedlab.scoring`): same index, same tokens, same numbers.
     """
 
     name = "bm25"
@@ -199,22 +204,24 @@ class BM25Retriever:
         method: str = "lucene",
         stopwords: str | Sequence[str] | None = "en",
         stemmer: str | None = "english",
+        config_key: str = "retriever",
     ) -> None:
         import bm25s
 
+        key = config_key  # where the options sit in the user's config, named in errors
         if k1 < 0:
-            raise ConfigError(f"retriever.k1 must be >= 0, got {k1}")
+            raise ConfigError(f"{key}.k1 must be >= 0, got {k1}")
         if not 0 <= b <= 1:
-            raise ConfigError(f"retriever.b must be in [0, 1], got {b}")
+            raise ConfigError(f"{key}.b must be in [0, 1], got {b}")
         if method not in BM25_METHODS:
-            raise ConfigError(f"retriever.method must be one of {', '.join(BM25_METHODS)}, got {method!r}")
+            raise ConfigError(f"{key}.method must be one of {', '.join(BM25_METHODS)}, got {method!r}")
         if stopwords is not None and not isinstance(stopwords, str):
             stopwords = [str(w) for w in stopwords]  # a ListConfig from Hydra -> plain strings
         try:
             bm25s.tokenize([""], stopwords=stopwords, show_progress=False)  # the public way to check the name
         except ValueError:
             raise ConfigError(
-                f"retriever.stopwords {stopwords!r} is not a language bm25s knows (en, de, fr, es, ...): "
+                f"{key}.stopwords {stopwords!r} is not a language bm25s knows (en, de, fr, es, ...): "
                 "give a language code, a list of words, or null"
             ) from None
         if stemmer is not None:
@@ -222,7 +229,7 @@ class BM25Retriever:
 
             if stemmer not in Stemmer.algorithms():
                 raise ConfigError(
-                    f"retriever.stemmer must be null or one of PyStemmer's languages "
+                    f"{key}.stemmer must be null or one of PyStemmer's languages "
                     f"({', '.join(Stemmer.algorithms())}), got {stemmer!r}"
                 )
         self.k1 = float(k1)
@@ -261,8 +268,66 @@ class BM25Retriever:
         self._index = (corpus, len(corpus), index)
         return index
 
+    def _query_token_ids(self, index, queries: list[str], show_progress_bar: bool) -> list[list[int]]:
+        """Each query's tokens as columns of ``index`` (tokens the corpus lacks dropped; repeats kept)."""
+        vocab = index.vocab_dict  # token -> column of the (N, V) score matrix, stored as CSC
+        return [[vocab[t] for t in tokens if t in vocab] for tokens in self._tokenize(queries, False, show_progress_bar)]
+
     def models(self) -> list[Any]:
         return []
+
+    def score(
+        self,
+        corpus: dict[str, str],
+        queries: Sequence[str],
+        candidates: Sequence[Sequence[str]],
+        show_progress_bar: bool = True,
+    ) -> list[np.ndarray]:
+        """BM25 scores of given documents: ``out[i][j]`` = score of document ``candidates[i][j]`` for ``queries[i]``.
+
+        Args:
+            corpus: ``{doc_id: text}``, the collection the statistics (``N``, ``df``, ``avgdl``) come from; indexed
+                once per corpus object, as in :meth:`retrieve`.
+            queries: query texts.
+            candidates: per query, ids of ``corpus`` documents (any number, repeats allowed).
+
+        Returns:
+            one float64 array (len(candidates[i]),) per query: exactly what :meth:`retrieve` gives a document it
+            lists (bm25s' float32 sum over the query's tokens, token by token in query order), and 0 for a
+            document holding no query token (``lucene``, ``robertson``, ``atire``; ``bm25l`` / ``bm25+`` add
+            their constant non-occurrence score to every document, as bm25s does).
+
+        Cost per query: one pass over the posting lists of its tokens, never a score for every corpus document.
+        """
+        if len(queries) != len(candidates):
+            raise ValueError(f"got {len(queries)} queries but {len(candidates)} candidate lists: they must pair up")
+        index = self._bm25(corpus, show_progress_bar)
+        if index is None:
+            return [np.zeros(len(c)) for c in candidates]
+        position = {d: i for i, d in enumerate(corpus)}
+        unknown = sorted({d for c in candidates for d in c if d not in position})
+        if unknown:
+            raise ValueError(f"candidate documents not in the corpus: {unknown[:5]}")
+        data, indptr, postings = index.scores["data"], index.scores["indptr"], index.scores["indices"]
+        nonoccurrence = getattr(index, "nonoccurrence_array", None)  # bm25l / bm25+ only
+        out = []
+        for token_ids, docs in tqdm(
+            zip(self._query_token_ids(index, list(queries), show_progress_bar), candidates), total=len(queries),
+            desc="bm25 score", disable=not show_progress_bar, leave=False,
+        ):
+            # distinct candidate rows, sorted: a posting belongs to a candidate when it lands on an equal entry
+            rows, slots = np.unique(np.array([position[d] for d in docs], dtype=np.int64), return_inverse=True)
+            acc = np.zeros(len(rows), dtype=data.dtype)  # (u,) summed in bm25s' dtype and order: token by token
+            for t in token_ids if len(rows) else []:
+                docs_t, values_t = postings[indptr[t] : indptr[t + 1]], data[indptr[t] : indptr[t + 1]]
+                at = np.minimum(np.searchsorted(rows, docs_t), len(rows) - 1)
+                hit = rows[at] == docs_t
+                acc[at[hit]] += values_t[hit]  # a token's postings name each document once: no repeated slot
+            scores = acc[slots]  # (c,) back to the candidates' order, repeats included
+            if nonoccurrence is not None and token_ids:
+                scores += nonoccurrence[token_ids].sum()
+            out.append(scores.astype(np.float64))
+        return out
 
     def retrieve(self, task: RetrievalTask, top_k: int, show_progress_bar: bool = True) -> Run:
         _check_top_k(top_k)
@@ -272,14 +337,11 @@ class BM25Retriever:
         run: Run = {qid: {} for qid in query_ids}
         if index is None or not query_ids:
             return run
-        query_tokens = self._tokenize([task.queries[q] for q in query_ids], False, show_progress_bar)
-        vocab = index.vocab_dict  # token -> column of the (N, V) score matrix, stored as CSC
         indptr, postings = index.scores["indptr"], index.scores["indices"]
-        for qid, tokens in tqdm(
-            zip(query_ids, query_tokens), total=len(query_ids), desc="bm25 retrieve", disable=not show_progress_bar,
-            leave=False,
+        for qid, token_ids in tqdm(
+            zip(query_ids, self._query_token_ids(index, [task.queries[q] for q in query_ids], show_progress_bar)),
+            total=len(query_ids), desc="bm25 retrieve", disable=not show_progress_bar, leave=False,
         ):
-            token_ids = [vocab[t] for t in tokens if t in vocab]
             if not token_ids:
                 continue
             # documents holding at least one query token: the union of the tokens' posting lists, ascending
