@@ -176,3 +176,22 @@ def test_mine_config_writes_a_file_training_reads(tmp_path, tiny_data_root):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["num_negatives"] == 2 and len(batch["negatives"]) == 2 * len(batch["query"])
+
+
+def test_mining_through_the_cache_encodes_once_and_mines_the_same(tmp_path, tiny_data_root):
+    """cache_dir: the second mining of the same model reads the corpus and queries from the cache (no encode)."""
+    overrides = ["model=tiny", f"paths.data_root={tiny_data_root}", "progress_bar=false", "mining.num_negatives=3",
+                 "mining.relative_margin=null", f"cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    first_summary, first = mine(compose_config("mine", overrides, tmp_path / "a"))
+    from embedlab.models import BiEncoder
+
+    calls = []
+    original = BiEncoder.encode
+    try:
+        BiEncoder.encode = lambda self, *a, **k: calls.append(a) or original(self, *a, **k)
+        again_summary, again = mine(compose_config("mine", overrides, tmp_path / "b"))
+    finally:
+        BiEncoder.encode = original
+    assert calls == []
+    assert [m.negative_ids for m in again["mined"]] == [m.negative_ids for m in first["mined"]]
+    assert read_hard_negatives(again_summary["path"]) == naive_mine(first["task"], first["model"], 3, 0, 100, None)

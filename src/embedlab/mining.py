@@ -16,6 +16,7 @@ the query. ``python mine.py`` runs :func:`mine` from a config (docs/hard_negativ
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -92,13 +93,16 @@ def mine_hard_negatives(
     query_chunk_size: int = 1024,
     corpus_chunk_size: int = 50_000,
     show_progress_bar: bool = True,
+    cache=None,
 ) -> list[MinedNegatives]:
     """Mine up to ``num_negatives`` hard negatives for every query of ``task`` that has a positive.
 
     The corpus and the queries are encoded once (``model.encode``), the top ``range_max`` documents of every
     query are found by the chunked exact search of evaluation (memory bounded by the chunk sizes), and
     :func:`select_negatives` filters them. Positives are the qrels rows with ``score >= min_score``; every
-    document in a query's qrels (any grade) is excluded from its negatives.
+    document in a query's qrels (any grade) is excluded from its negatives. ``cache``: an
+    :class:`~embedlab.cache.EmbeddingCache` the embeddings are read from and stored in (mining, distillation
+    teachers and evaluation of the same model then encode the corpus once).
 
     Returns:
         one :class:`MinedNegatives` per query with a positive, in sorted query-id order. A query may get fewer
@@ -117,10 +121,11 @@ def mine_hard_negatives(
     if missing:
         raise DataError(f"{task.name}: qrels name documents missing from the corpus: {missing[:5]}")
 
-    docs = model.encode([task.corpus[d] for d in corpus_ids], kind="document", batch_size=batch_size,
-                        show_progress_bar=show_progress_bar, desc="encode corpus")  # (N, D)
-    queries = model.encode([task.queries[q] for q in query_ids], kind="query", batch_size=batch_size,
-                           show_progress_bar=show_progress_bar, desc="encode queries")  # (Q, D)
+    encode = functools.partial(cache.encode, model) if cache is not None else model.encode
+    docs = encode([task.corpus[d] for d in corpus_ids], kind="document", batch_size=batch_size,
+                  show_progress_bar=show_progress_bar, desc="encode corpus")  # (N, D)
+    queries = encode([task.queries[q] for q in query_ids], kind="query", batch_size=batch_size,
+                     show_progress_bar=show_progress_bar, desc="encode queries")  # (Q, D)
     # a query's qrels documents never count, so look that many further down the ranking
     extra = max(len(task.qrels[q]) for q in query_ids)
     scores, indices = exact_search(queries, docs, range_max + extra, similarity,
@@ -162,7 +167,10 @@ def mine(cfg) -> tuple[dict[str, Any], dict[str, Any]]:
 
     task = instantiate(cfg.source).task()
     model = instantiate(cfg.model).to(resolve_device(cfg.get("device")))
-    mined = mine_hard_negatives(model, task, show_progress_bar=cfg.get("progress_bar", True), **cfg.mining)
+    from embedlab.cache import EmbeddingCache
+
+    cache = EmbeddingCache(cfg.cache_dir) if cfg.get("cache_dir") else None
+    mined = mine_hard_negatives(model, task, show_progress_bar=cfg.get("progress_bar", True), cache=cache, **cfg.mining)
     path = write_hard_negatives(mined, cfg.out)
     counts = [len(m.negative_ids) for m in mined]
     summary = {"queries": len(mined), "negatives_min": min(counts), "negatives_mean": sum(counts) / len(counts),
