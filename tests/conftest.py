@@ -194,3 +194,15 @@ def pytrec_per_query(run, qrels, k_values=K_VALUES) -> dict[str, dict[str, float
 
 def _pytrec():
     return pytest.importorskip("pytrec_eval")
+
+
+def join_process_group(rank: int, port: int, world: int) -> None:
+    """The environment of one externally launched DDP rank (Lightning sees it and launches nothing), one thread."""
+    import warnings
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+        NODE_RANK="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    )
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ def test_every_config_file_is_covered():
     }  # fmt: skip
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     assert groups == covered
-    assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} == {"train", "evaluate", "mine"}
+    assert {p.stem for p in CONFIG_DIR.glob("*.yaml")} == {"train", "evaluate", "mine", "score"}  # score: tests/test_scoring.py
 
 
 @pytest.mark.parametrize("pooling", options("pooling"))
@@ -72,6 +74,10 @@ def test_model_configs(model, tmp_path, tiny_data_root, monkeypatch):
         assert encoder.pooling.mode == "cls"  # pooling=auto reads the folder's 1_Pooling config
     if model == "minilm_l6":
         assert encoder.embedding_dim == 384 and encoder.max_seq_length == {"query": 256, "document": 256}
+    if model == "student_l3":
+        # layers 0, 2, 4 of all-MiniLM-L6-v2, recorded so a checkpoint rebuilds the same student
+        assert len(encoder.transformer.backbone.encoder.layer) == 3 and encoder.transformer.backbone.config.num_hidden_layers == 3
+        assert encoder.config["layers"] == [0, 2, 4] and encoder.config["_target_"] == "embedlab.models.student.layer_reduced"
 
 
 def test_new_model_and_matryoshka_options_compose(tmp_path, tiny_data_root):
@@ -108,6 +114,24 @@ def test_loss_configs(loss, tmp_path, tiny_data_root):
     from embedlab.losses import EmbeddedBatch, ScoredCandidates
 
     g = torch.Generator().manual_seed(0)
+    from embedlab.losses import DistillationLoss
+
+    if isinstance(fn, DistillationLoss):
+        # distillation: student/teacher embeddings of every text, the pairs' candidate scores with teacher scores
+        from embedlab.losses.distillation import DistillationBatch
+
+        query = torch.randn(4, 8, generator=g, requires_grad=True)
+        embedded = EmbeddedBatch(query=query, positive=torch.randn(4, 8, generator=g), negatives=torch.randn(4, 2, 8, generator=g))
+        batch = DistillationBatch(
+            embedded=embedded, student=query * 2, teacher=torch.randn(4, 8, generator=g), teacher_scores=torch.randn(4, 3, generator=g)
+        )
+        terms = fn(batch)
+        assert terms["loss"].ndim == 0 and torch.isfinite(terms["loss"])
+        want = {"distill_mse": {"embedding_mse"}, "distill_kl": {"kl", "mnrl"}, "distill_margin_mse": {"margin_mse", "mnrl"}}[loss]
+        assert set(terms) == want | {"loss"}
+        terms["loss"].backward()
+        assert float(query.grad.abs().sum()) > 0
+        return
     if getattr(fn, "consumes", None) == "scores":
         # cross-encoder losses: (B, 1 + n) scores of each query's positive and negatives, teacher scores for margin-MSE
         scores = torch.randn(4, 3, generator=g, requires_grad=True)
@@ -160,6 +184,11 @@ def test_data_configs(data, tmp_path, tiny_data_root):
         # one dataset per step, each with its own batch size
         sizes = [d.get("batch_size") or cfg.data.batch_size for d in cfg.data.train.datasets.values()]
         assert 1 <= len(batch["query"]) <= max(sizes) and batch["dataset"] in cfg.data.train.datasets
+    elif data == "distill_texts":
+        # unlabelled texts: queries and documents of one batch, no pairs; validation on the training queries' qrels
+        assert batch["paired"] is False and batch["negatives"] is None
+        assert len(batch["query"]) + len(batch["positive"]) == min(cfg.data.batch_size, len(dm.train_examples))
+        assert not set(dm.load_test_task().queries.values()) & {e.query for e in dm.train_examples}
     else:
         assert len(batch["query"]) == min(cfg.data.batch_size, len(dm.train_examples))
     if data == "stsb":
@@ -184,9 +213,15 @@ def test_module_configs(name, tmp_path, tiny_data_root):
         assert isinstance(val, RerankEvaluator) and val.k_values == (1, 10) and val.first_stage is module.first_stage
         assert (val.top_k, test.top_k) == (cfg.module.val_top_k, 50)
         return
-    cfg = compose_config("train", ["model=tiny", f"module={name}", "eval.k_values=[1,10]", f"data.root={tiny_data_root}"], tmp_path)
+    overrides = ["model=tiny", f"module={name}", "eval.k_values=[1,10]", f"data.root={tiny_data_root}"]
+    if name == "distillation":
+        # the default teacher is all-MiniLM-L6-v2 (384-d): a 32-d tiny student gets a learned projection to it
+        overrides += ["loss=distill_mse", f"module.teacher_cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_config("train", overrides, tmp_path)
     module = instantiate(cfg.module, model=instantiate(cfg.model), loss=instantiate(cfg.loss))
     assert isinstance(module, BiEncoderModule)
+    if name == "distillation":
+        assert module.teacher.embedding_dim == 384 and module.projection.weight.shape == (384, 32)
     assert module.optimizer_factory.keywords["lr"] == cfg.module.optimizer.lr
     assert module.evaluation_options["k_values"] == [1, 10]
     dm = instantiate(cfg.data)
@@ -254,7 +289,20 @@ def test_post_fit_configs(name, tmp_path, tiny_data_root):
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_configs(name, tmp_path, tiny_data_root):
-    cfg = compose_config("train", ["model=tiny", f"experiment={name}", f"data.root={tiny_data_root}"], tmp_path)
+    # model=tiny on the command line would replace the experiment's student (composed here, not built)
+    overrides = ([] if name == "distill_minilm_l3" else ["model=tiny"]) + [f"experiment={name}", f"data.root={tiny_data_root}"]
+    if name == "distill_scores_scifact":
+        # the experiment needs a file of teacher-scored negatives (python score.py): one per training query here
+        from embedlab.data.readers.beir import load_beir
+
+        task = load_beir(tiny_data_root / "scifact", split="train")
+        lines = []
+        for qid, rel in task.qrels.items():
+            negative = next(d for d in task.corpus if d not in rel)
+            lines.append(json.dumps({"query_id": qid, "negative_ids": [negative], "teacher_scores": {negative: 0.5, **{d: 2.0 for d in rel}}}))
+        (tmp_path / "scored.jsonl").write_text("\n".join(lines) + "\n")
+        overrides.append(f"data.train.hard_negatives={tmp_path / 'scored.jsonl'}")
+    cfg = compose_config("train", overrides, tmp_path)
     loss = instantiate(cfg.loss)
     instantiate(cfg.data).setup("fit")
     assert cfg.task_name == name
@@ -267,6 +315,12 @@ def test_experiment_configs(name, tmp_path, tiny_data_root):
         assert isinstance(loss.loss_for("scifact"), MultipleNegativesRankingLoss)
     if name == "stsb_cosent":
         assert cfg.monitor == "val/spearman_cosine"
+    if name.startswith("distill"):
+        from embedlab.losses import DistillationLoss
+
+        assert cfg.module._target_ == "embedlab.lightning.DistillationModule" and isinstance(loss, DistillationLoss)
+    if name == "distill_minilm_l3":
+        assert cfg.model.layers == [0, 2, 4] and loss.needs_teacher_embeddings and cfg.trainer.max_epochs >= 1
     if name.startswith("cross_encoder"):
         from embedlab.lightning import CrossEncoderModule
 

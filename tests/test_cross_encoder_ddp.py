@@ -11,7 +11,6 @@ the single-process ``trainer.test`` for reranking and STS.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from embedlab.data.collate import collate_examples
-from tests.conftest import assert_rel, make_examples
+from tests.conftest import assert_rel, make_examples, join_process_group
 from tests.test_distributed import CLIP, LOCAL_BATCH, LR, WORLD, _free_port, _make_capture, _trainer
 
 # two spawned processes with a Lightning fit and test each: the slow step (the bi-encoder's DDP checks, which
@@ -68,14 +67,7 @@ def reference(loss: str) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str, data_root: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
-        NODE_RANK="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-    )
-    torch.set_num_threads(1)
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    join_process_group(rank, port, WORLD)
     from torch.utils.data import DataLoader
 
     from embedlab.data.collate import ExampleDataset

@@ -44,7 +44,7 @@ from embedlab.data.records import text_id
 from embedlab.data.records import Example
 from embedlab.losses import EmbeddedBatch, MultipleNegativesRankingLoss
 from embedlab.losses.contrastive import false_negative_mask
-from tests.conftest import PROJECT_ROOT, assert_rel, make_examples
+from tests.conftest import PROJECT_ROOT, assert_rel, make_examples, join_process_group
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -166,14 +166,7 @@ def _trainer(callbacks, **kwargs):
 
 def _worker(rank: int, port: int, out_dir: str, names: list[str], data_root: str | None) -> None:
     """One DDP rank (Lightning sees the env of an externally launched process group and launches nothing)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
-        NODE_RANK="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-    )
-    torch.set_num_threads(1)
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    join_process_group(rank, port, WORLD)
     from torch.utils.data import DataLoader
 
     from embedlab.data.collate import ExampleDataset

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from embedlab.data.errors import DataError
-from embedlab.data.records import Example, example_ids
+from embedlab.data.records import Example, example_ids, text_id
 
 
 class ExampleDataset(Dataset):
@@ -30,6 +30,14 @@ def collate_examples(examples: list[Example]) -> dict:
     """list[Example] -> {query, positive: list[str]; negatives: list[str] (B*n, grouped by example) or None;
     num_negatives; scores: (B,) float tensor or None; query_ids / positive_ids / negative_ids;
     known_positive_ids: per example the ids of its query's known positives (empty list when unknown)}."""
+    text_only = [e.query is None or e.positive is None for e in examples]
+    if any(text_only):
+        if not all(text_only):
+            raise DataError(
+                "a batch mixes unlabelled texts (a text collection) with (query, positive) pairs: "
+                "put them in different datasets of a mixture (data=mixture), one dataset per step"
+            )
+        return collate_texts(examples)
     n = len(examples[0].negatives)
     if any(len(e.negatives) != n for e in examples):
         counts = sorted({len(e.negatives) for e in examples})
@@ -48,10 +56,31 @@ def collate_examples(examples: list[Example]) -> dict:
         "positive_ids": [ids.positive for ids in all_ids],
         "negative_ids": [n for ids in all_ids for n in ids.negatives],
         "known_positive_ids": [list(e.known_positive_ids) for e in examples],
+        "paired": True,
     }
     if examples[0].teacher_scores is not None:
         batch["teacher_scores"] = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)
     return batch
+
+
+def collate_texts(examples: list[Example]) -> dict:
+    """Unlabelled texts (``Example(query=text, positive=None)`` for a query, ``Example(query=None, positive=text)``
+    for a document; :class:`~embedlab.data.texts.TextCollection`) -> {query: the query texts, positive: the
+    document texts, paired: False}; no pair losses apply, only losses of each text's embedding (distillation)."""
+    queries = [e.query for e in examples if e.query is not None]
+    docs = [e.positive for e in examples if e.positive is not None]
+    return {
+        "query": queries,
+        "positive": docs,
+        "negatives": None,
+        "num_negatives": 0,
+        "scores": None,
+        "query_ids": [text_id(t) for t in queries],
+        "positive_ids": [text_id(t) for t in docs],
+        "negative_ids": [],
+        "known_positive_ids": [],
+        "paired": False,
+    }
 
 
 class EncodeBatches(Dataset):

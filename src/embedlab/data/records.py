@@ -25,13 +25,15 @@ class Example:
       0/1 label (contrastive).
     - ids (``query_id``, ``positive_id``, ``negative_ids``) identify texts for masking and mining;
       ``teacher_scores`` (one per candidate: positive first, then negatives) feed distillation.
+    - unlabelled texts (embedding distillation, :class:`~embedlab.data.texts.TextCollection`): a query alone is
+      ``Example(query=text, positive=None)``, a document alone ``Example(query=None, positive=text)``.
     - ``known_positive_ids``: ids of every document known to be relevant to the query (its qrels), so
       in-batch-negative losses can mask them when they turn up as another query's candidate. Derived
       metadata, left out of ``==`` (two examples with the same texts, ids and scores are equal).
     """
 
-    query: str
-    positive: str
+    query: str | None
+    positive: str | None
     negatives: list[str] = field(default_factory=list)
     score: float | None = None
     query_id: str | None = None
@@ -53,8 +55,8 @@ def text_id(text: str) -> str:
 class ExampleIds(NamedTuple):
     """The ids of one example's texts: ``query``, ``positive`` and one per hard negative, in order."""
 
-    query: str
-    positive: str
+    query: str | None
+    positive: str | None
     negatives: list[str]
 
 

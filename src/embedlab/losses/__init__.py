@@ -7,6 +7,7 @@ Every loss returns a dict whose ``"loss"`` entry is optimized; the other entries
 
 from embedlab.losses.base import EmbeddedBatch, pairwise_similarity, similarity_matrix
 from embedlab.losses.contrastive import ContrastiveLoss, MultipleNegativesRankingLoss, TripletLoss
+from embedlab.losses.distillation import DistillationLoss, EmbeddingMSELoss, KLDivergenceLoss
 from embedlab.losses.matryoshka import MatryoshkaLoss
 from embedlab.losses.ranking import (
     BinaryCrossEntropyLoss,
@@ -23,6 +24,9 @@ __all__ = [
     "CoSENTLoss",
     "ContrastiveLoss",
     "CosineSimilarityLoss",
+    "DistillationLoss",
+    "EmbeddingMSELoss",
+    "KLDivergenceLoss",
     "EmbeddedBatch",
     "LambdaLoss",
     "ListwiseSoftmaxLoss",

@@ -10,6 +10,7 @@ from torch import nn
 
 from embedlab.errors import ConfigError
 from embedlab.losses.base import EmbeddedBatch
+from embedlab.losses.distillation import kl_divergence
 
 
 class MatryoshkaLoss(nn.Module):
@@ -98,17 +99,8 @@ class MatryoshkaLoss(nn.Module):
             for dim, weight in zip(self.dims, self.weights):
                 if dim == teacher_dim:
                     continue
-                kl = _kl_div(teacher, logits[dim], self.distill_temperature)
+                kl = kl_divergence(teacher, logits[dim], self.distill_temperature)
                 terms[f"distill@dim{dim}"] = kl
                 total = total + self.distill_weight * weight * kl
         terms["loss"] = total
         return terms
-
-
-def _kl_div(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over rows; -inf (masked) columns skipped."""
-    t = F.log_softmax(teacher / temperature, dim=-1)  # (B, C)
-    s = F.log_softmax(student / temperature, dim=-1)
-    kept = torch.isfinite(t)  # masked candidates: probability 0 in both, no contribution
-    per_row = (t.exp() * (t - s).masked_fill(~kept, 0.0)).sum(-1)  # (B,)
-    return per_row.mean() * temperature**2

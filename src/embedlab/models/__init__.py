@@ -7,6 +7,7 @@ from embedlab.models.checkpoint import load_checkpoint, safe_load
 from embedlab.models.cross_encoder import CrossEncoder
 from embedlab.models.errors import ModelLoadError
 from embedlab.models.pooling import Pooling
+from embedlab.models.student import layer_reduced
 from embedlab.models.tiny import tiny_bi_encoder, tiny_cross_encoder
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Normalize",
     "Pooling",
     "Transformer",
+    "layer_reduced",
     "load_checkpoint",
     "safe_load",
     "tiny_bi_encoder",

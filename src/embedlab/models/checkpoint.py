@@ -27,6 +27,7 @@ from embedlab.models.bi_encoder import FROM_PRETRAINED_TARGET, KINDS, BiEncoder,
 from embedlab.models.cross_encoder import CROSS_ENCODER_TARGET, CrossEncoder
 from embedlab.models.errors import ModelLoadError
 from embedlab.models.pooling import AUTO, Pooling, folder_pooling
+from embedlab.models.student import STUDENT_TARGET, layer_reduced
 from embedlab.models.tiny import TINY_CROSS_ENCODER_TARGET, TINY_TARGET, tiny_bi_encoder, tiny_cross_encoder
 
 #: Python classes a checkpoint may contain beyond what ``weights_only=True`` accepts by default (tensors,
@@ -88,6 +89,7 @@ _BI_ENCODER_BUILDERS: dict[str, Callable[..., BiEncoder]] = {
     "embedlab.models.bi_encoder.BiEncoder.from_pretrained": BiEncoder.from_pretrained,
     TINY_TARGET: tiny_bi_encoder,
     "embedlab.models.tiny.tiny_bi_encoder": tiny_bi_encoder,
+    STUDENT_TARGET: layer_reduced,
 }
 _CROSS_ENCODER_BUILDERS: dict[str, Callable[..., CrossEncoder]] = {
     CROSS_ENCODER_TARGET: CrossEncoder.from_pretrained,
