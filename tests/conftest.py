@@ -206,3 +206,16 @@ def join_process_group(rank: int, port: int, world: int) -> None:
     )
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+
+
+def clipped_sgd_step(module: torch.nn.Module, clip: float, lr: float) -> tuple[dict, dict]:
+    """The hand-made reference step of the DDP tests: ``(gradients, parameters after the step)`` by name, after
+    clipping the gradients' total norm to ``clip`` and one SGD step of ``lr`` (copies, detached)."""
+    params = dict(module.named_parameters())
+    grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+    torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+    with torch.no_grad():
+        for p in params.values():
+            if p.grad is not None:
+                p -= lr * p.grad
+    return grads, {n: p.detach().clone() for n, p in params.items()}

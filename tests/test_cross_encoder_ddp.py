@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from embedlab.data.collate import collate_examples
-from tests.conftest import assert_rel, make_examples, join_process_group
+from tests.conftest import assert_rel, make_examples, join_process_group, clipped_sgd_step
 from tests.test_distributed import CLIP, LOCAL_BATCH, LR, WORLD, _free_port, _make_capture, _trainer
 
 # two spawned processes with a Lightning fit and test each: the slow step (the bi-encoder's DDP checks, which
@@ -56,14 +56,8 @@ def reference(loss: str) -> dict:
     module = build_module(loss)
     value = module.loss(module.score_batch(collate_examples(examples())))["loss"]
     value.backward()
-    params = dict(module.named_parameters())
-    grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
-    torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)
-    with torch.no_grad():
-        for p in params.values():
-            if p.grad is not None:
-                p -= LR * p.grad
-    return {"loss": float(value), "grads": grads, "params": {n: p.detach().clone() for n, p in params.items()}}
+    grads, params = clipped_sgd_step(module, CLIP, LR)
+    return {"loss": float(value), "grads": grads, "params": params}
 
 
 def _worker(rank: int, port: int, out_dir: str, data_root: str) -> None:

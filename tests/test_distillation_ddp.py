@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from embedlab.data.records import Example
-from tests.conftest import assert_rel, make_examples, join_process_group
+from tests.conftest import assert_rel, make_examples, join_process_group, clipped_sgd_step
 from tests.test_distributed import CLIP, LOCAL_BATCH, LR, MAX_LEN, WORLD, _free_port, _make_capture, _trainer
 
 TEMPERATURE = 2.0
@@ -153,14 +153,8 @@ def reference(name: str) -> dict:
     module = build_module(name)
     value = reference_loss(name, module, scenario_examples(name))
     value.backward()
-    params = dict(module.named_parameters())
-    grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
-    torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)
-    with torch.no_grad():
-        for p in params.values():
-            if p.grad is not None:
-                p -= LR * p.grad
-    return {"loss": float(value.detach()), "grads": grads, "params": {n: p.detach().clone() for n, p in params.items()}}
+    grads, params = clipped_sgd_step(module, CLIP, LR)
+    return {"loss": float(value.detach()), "grads": grads, "params": params}
 
 
 # ---------------------------------------------------------------------------------------- the DDP workers

@@ -44,7 +44,7 @@ from embedlab.data.records import text_id
 from embedlab.data.records import Example
 from embedlab.losses import EmbeddedBatch, MultipleNegativesRankingLoss
 from embedlab.losses.contrastive import false_negative_mask
-from tests.conftest import PROJECT_ROOT, assert_rel, make_examples, join_process_group
+from tests.conftest import PROJECT_ROOT, assert_rel, make_examples, join_process_group, clipped_sgd_step
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -106,14 +106,8 @@ def reference(spec: dict) -> dict:
         loss = module.loss(module.embed_batch(batch))["loss"]
         (loss / steps).backward()
         losses.append(float(loss.detach()))
-    params = dict(module.named_parameters())
-    grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
-    torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)
-    with torch.no_grad():
-        for p in params.values():
-            if p.grad is not None:
-                p -= LR * p.grad
-    return {"losses": losses, "grads": grads, "params": {n: p.detach().clone() for n, p in params.items()}}
+    grads, params = clipped_sgd_step(module, CLIP, LR)
+    return {"losses": losses, "grads": grads, "params": params}
 
 
 # ---------------------------------------------------------------------------------------- the DDP workers
