@@ -31,10 +31,10 @@ from embedlab.errors import ConfigError
 from embedlab.lightning.module import BiEncoderModule
 from embedlab.losses.distillation import DistillationBatch, DistillationLoss
 from embedlab.models.bi_encoder import BiEncoder
+from embedlab.models.st_format import KINDS
 
 log = logging.getLogger(__name__)
 
-KINDS = ("query", "document")
 
 
 class DistillationModule(BiEncoderModule):
