@@ -26,6 +26,7 @@ from embedlab.evaluation.evaluators import build_evaluator, encode_plan, with_mo
 from embedlab.evaluation.first_stage import DenseRetriever
 from embedlab.evaluation.grid import report_grid
 from embedlab.evaluation.rerank import CrossEncoderSTSEvaluator, RerankEvaluator
+from embedlab.evaluation.per_query import per_query_path, write_per_query
 from embedlab.evaluation.runs import write_trec_runs
 from embedlab.models.cross_encoder import CrossEncoder
 from embedlab.outputs import close_loggers, instantiate_list, write_metrics
@@ -83,6 +84,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     write_metrics(metrics, output_dir)
     for path in write_trec_runs(evaluator.last_runs, output_dir, "test"):
         log.info("run file: %s", path)
+    if evaluator.last_per_query:
+        log.info("per-query values: %s", write_per_query(evaluator.last_per_query, per_query_path(output_dir, "test")))
     loggers = instantiate_list(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))

@@ -24,7 +24,8 @@ from embedlab.cache import EmbeddingCache, model_fingerprint, weights_digest
 from embedlab.data.records import RetrievalTask, STSTask
 from embedlab.errors import UserError
 from embedlab.evaluation.grid import CompressionGrid, GridCell
-from embedlab.evaluation.metrics import correlations, retrieval_metrics
+from embedlab.evaluation.metrics import correlations, retrieval_metrics_and_units
+from embedlab.evaluation.per_query import PerQuery
 from embedlab.evaluation.runs import drop_identical_ids, top_k_run
 from embedlab.evaluation.search import (
     DEFAULT_CORPUS_CHUNK_SIZE,
@@ -78,6 +79,10 @@ class RetrievalEvaluator:
         dims / precisions / pca / rescore_multiplier / rescore_with: the compression grid
             (:class:`~embedlab.evaluation.grid.CompressionGrid`), evaluated from the same embeddings;
             its cells are also kept in ``last_grid`` for tables and plots.
+
+    After :meth:`compute`: ``last_runs`` (the final ranking, for run files) and ``last_per_query`` (every
+    query's metric values, grid cells included, under the keys of the returned metrics; see
+    :mod:`embedlab.evaluation.per_query`).
     """
 
     task_kind = "retrieval"
@@ -123,6 +128,7 @@ class RetrievalEvaluator:
         )
         self.last_grid: list[GridCell] = []
         self.last_runs: dict[str, dict[str, dict[str, float]]] = {}
+        self.last_per_query: PerQuery = {}
 
     def encode_plan(self) -> list[EncodeRequest]:
         return [
@@ -136,11 +142,18 @@ class RetrievalEvaluator:
         metrics[f"{prefix}search_seconds"] = time.perf_counter() - start
         self.last_grid = []
         if self.grid.enabled:
-            self.last_grid = self.grid.run(
-                embeddings["query"], embeddings["document"], self.search_top_k, lambda s, i: self._score(s, i, "")
-            )
-            for cell in self.last_grid:
+            cell_units: list[PerQuery] = []  # one per cell, in the grid's order
+
+            def score(scores: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
+                means, units = self._metrics(search_to_run(scores, indices, self.query_ids, self.corpus_ids), "")
+                cell_units.append(units)
+                return means
+
+            self.last_grid = self.grid.run(embeddings["query"], embeddings["document"], self.search_top_k, score)
+            for cell, units in zip(self.last_grid, cell_units):
                 metrics.update(cell.flat(prefix))
+                for qid, values in units.items():
+                    self.last_per_query[qid].update({f"{prefix}{name}{cell.suffix}": v for name, v in values.items()})
         return metrics
 
     @property
@@ -158,13 +171,11 @@ class RetrievalEvaluator:
         run = search_to_run(scores, indices, self.query_ids, self.corpus_ids)
         # the final ranking, for run files: what the metrics score (top_k, without the query itself)
         self.last_runs = {"run": top_k_run(drop_identical_ids(run), self.top_k) if self.ignore_identical_ids else run}
-        return self._metrics(run, prefix)
+        metrics, self.last_per_query = self._metrics(run, prefix)
+        return metrics
 
-    def _score(self, scores: torch.Tensor, indices: torch.Tensor, prefix: str) -> dict[str, float]:
-        return self._metrics(search_to_run(scores, indices, self.query_ids, self.corpus_ids), prefix)
-
-    def _metrics(self, run: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
-        return retrieval_metrics(
+    def _metrics(self, run: dict[str, dict[str, float]], prefix: str) -> tuple[dict[str, float], PerQuery]:
+        return retrieval_metrics_and_units(
             run, self.task.qrels, k_values=self.k_values, prefix=prefix, ignore_identical_ids=self.ignore_identical_ids
         )
 
@@ -178,7 +189,8 @@ class STSEvaluator:
     Keys: ``{prefix}spearman_cosine`` / ``{prefix}pearson_cosine`` for ``similarity="cos"``, ``..._dot`` for
     ``"dot"`` (sentence-transformers' ``EmbeddingSimilarityEvaluator`` names). Similarities are computed in float64
     and correlated by ``torchmetrics.functional``; its Spearman ranks ties by their mean rank in float32, so it
-    agrees with ``scipy.stats.spearmanr`` to about 1e-7 (Pearson to float64 round-off).
+    agrees with ``scipy.stats.spearmanr`` to about 1e-7 (Pearson to float64 round-off). ``last_per_query``: each
+    pair's ``gold`` score and ``prediction`` (similarity), keyed by its index in the task.
     """
 
     task_kind = "STS"
@@ -192,6 +204,7 @@ class STSEvaluator:
         self.batch_size = batch_size
         self.last_grid: list[GridCell] = []
         self.last_runs: dict = {}  # no ranking: nothing to write as a run file
+        self.last_per_query: PerQuery = {}
 
     def encode_plan(self) -> list[EncodeRequest]:
         return [
@@ -206,11 +219,17 @@ class STSEvaluator:
         predicted = (left * right).sum(dim=1).cpu()  # (P,)
         gold = torch.as_tensor(self.task.scores, dtype=torch.float64)  # (P,)
         name = self._KEY_NAMES[self.similarity]
+        self.last_per_query = sts_units(gold, predicted)
         spearman, pearson = correlations(predicted, gold)
         return {f"{prefix}spearman_{name}": spearman, f"{prefix}pearson_{name}": pearson}
 
     def evaluate(self, model, prefix: str = "test/", show_progress_bar: bool = True) -> dict[str, float]:
         return self.compute(encode_plan(model, self.encode_plan(), self.batch_size, show_progress_bar), prefix)
+
+
+def sts_units(gold: torch.Tensor, predicted: torch.Tensor) -> PerQuery:
+    """Per-pair units of an STS evaluation: ``{pair index: {"gold": g, "prediction": p}}`` from (P,) tensors."""
+    return {str(i): {"gold": g, "prediction": p} for i, (g, p) in enumerate(zip(gold.tolist(), predicted.tolist()))}
 
 
 #: task type -> evaluator class; a new evaluator registers here, and its keyword arguments become ``eval`` options

@@ -194,6 +194,20 @@ def retrieval_metrics(
     Raises:
         ValueError: no query is left to evaluate (empty qrels, or no overlap with the run under ``"skip"``).
     """
+    return retrieval_metrics_and_units(run, qrels, k_values, prefix, missing_queries, ignore_identical_ids)[0]
+
+
+def retrieval_metrics_and_units(
+    run: Run,
+    qrels: Qrels,
+    k_values: Sequence[int] = (1, 3, 5, 10, 100),
+    prefix: str = "test/",
+    missing_queries: str = "zero",
+    ignore_identical_ids: bool = False,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """:func:`retrieval_metrics` and the per-query values it averages, with the same prefixed keys:
+    ``({"test/ndcg@10": mean, ...}, {query_id: {"test/ndcg@10": value, ...}})`` (the per-query files of
+    :mod:`embedlab.evaluation.per_query`)."""
     ks = _check_k_values(k_values)
     per_query = per_query_metrics(
         run, qrels, ks, missing_queries=missing_queries, ignore_identical_ids=ignore_identical_ids
@@ -206,7 +220,8 @@ def retrieval_metrics(
     names = [f"{metric}@{k}" for metric in METRICS for k in ks]
     table = np.array([[row[name] for name in names] for row in per_query.values()], dtype=np.float64)
     means = table.mean(axis=0).tolist()
-    return {f"{prefix}{name}": mean for name, mean in zip(names, means)}
+    units = {qid: {f"{prefix}{name}": row[name] for name in names} for qid, row in per_query.items()}
+    return {f"{prefix}{name}": mean for name, mean in zip(names, means)}, units
 
 
 def correlations(predicted: torch.Tensor, gold: torch.Tensor) -> tuple[float, float]:

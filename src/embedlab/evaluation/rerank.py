@@ -24,8 +24,9 @@ from torch.utils.data import Dataset
 
 from embedlab.data.collate import length_sorted_batches
 from embedlab.data.records import RetrievalTask, STSTask
-from embedlab.evaluation.evaluators import EvalOptionError
-from embedlab.evaluation.metrics import correlations, retrieval_metrics
+from embedlab.evaluation.evaluators import EvalOptionError, sts_units
+from embedlab.evaluation.metrics import correlations, retrieval_metrics_and_units
+from embedlab.evaluation.per_query import PerQuery
 from embedlab.evaluation.runs import Run, drop_identical_ids, top_k_run
 
 #: metric-name segment of the first stage's metrics (``test/first_stage/ndcg@10``)
@@ -78,7 +79,8 @@ class RerankEvaluator:
         ignore_identical_ids: drop a candidate whose id equals the query id (BEIR's option).
 
     After :meth:`compute`, ``last_runs`` holds ``{"run": reranked, "first_stage": first stage top_k}``: the runs a
-    caller writes as TREC files (:func:`embedlab.evaluation.runs.write_trec_run`).
+    caller writes as TREC files (:func:`embedlab.evaluation.runs.write_trec_run`); ``last_per_query`` each query's
+    values of both lists (``test/ndcg@10``, ``test/first_stage/ndcg@10``; :mod:`embedlab.evaluation.per_query`).
     """
 
     task_kind = "retrieval"
@@ -107,6 +109,7 @@ class RerankEvaluator:
         self.first_stage_seconds = 0.0
         self.candidates: list[tuple[str, str]] = []
         self.last_runs: dict[str, Run] = {}
+        self.last_per_query: PerQuery = {}
         self.last_grid: list = []
 
     def prepare(self, show_progress_bar: bool = True) -> None:
@@ -132,7 +135,9 @@ class RerankEvaluator:
         ``None``: no reranker, the first stage's list is the final one) and of the first stage."""
         self.prepare()
         n_queries = max(len(self.task.queries), 1)
-        first = retrieval_metrics(self.first_run, self.task.qrels, k_values=self.k_values, prefix=f"{prefix}{FIRST_STAGE}/")
+        first, first_units = retrieval_metrics_and_units(
+            self.first_run, self.task.qrels, k_values=self.k_values, prefix=f"{prefix}{FIRST_STAGE}/"
+        )
         first[f"{prefix}{FIRST_STAGE}/seconds_per_query"] = self.first_stage_seconds / n_queries
         if scores is None:
             final = self.first_run
@@ -143,8 +148,9 @@ class RerankEvaluator:
             final = {q: {} for q in self.first_run}
             for (q, d), s in zip(self.candidates, values.tolist()):
                 final[q][d] = s
-        metrics = retrieval_metrics(final, self.task.qrels, k_values=self.k_values, prefix=prefix)
+        metrics, units = retrieval_metrics_and_units(final, self.task.qrels, k_values=self.k_values, prefix=prefix)
         metrics.update(first)
+        self.last_per_query = {q: {**values, **first_units[q]} for q, values in units.items()}
         if rerank_seconds is not None:
             metrics[f"{prefix}rerank/seconds_per_query"] = rerank_seconds / n_queries
         metrics[f"{prefix}rerank/candidates_per_query"] = len(self.candidates) / n_queries
@@ -165,7 +171,8 @@ class CrossEncoderSTSEvaluator:
     """Spearman and Pearson correlations (in percent) between the cross-encoder's score of each pair and its gold
     score: ``{prefix}spearman`` / ``{prefix}pearson`` (sentence-transformers' ``CrossEncoderCorrelationEvaluator``).
     Scores are the model's activated outputs (sigmoid for one logit), as ``CrossEncoder.predict`` returns them;
-    Spearman does not depend on that monotone map, Pearson does."""
+    Spearman does not depend on that monotone map, Pearson does. ``last_per_query``: each pair's ``gold`` and
+    ``prediction`` (score)."""
 
     task_kind = "STS"
     task_label = "an STS task"
@@ -174,6 +181,7 @@ class CrossEncoderSTSEvaluator:
         self.task = task
         self.batch_size = batch_size
         self.last_runs: dict[str, Run] = {}
+        self.last_per_query: PerQuery = {}
         self.last_grid: list = []
 
     def prepare(self, show_progress_bar: bool = True) -> None:
@@ -185,6 +193,7 @@ class CrossEncoderSTSEvaluator:
     def compute(self, scores: dict[str, torch.Tensor], prefix: str = "test/", rerank_seconds: float | None = None) -> dict[str, float]:
         predicted = scores["pairs"].detach().double().cpu().reshape(-1)  # (P,)
         gold = torch.as_tensor(self.task.scores, dtype=torch.float64)  # (P,)
+        self.last_per_query = sts_units(gold, predicted)
         spearman, pearson = correlations(predicted, gold)
         return {f"{prefix}spearman": spearman, f"{prefix}pearson": pearson}
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedlab import distributed
 from embedlab.errors import ConfigError, UserError
+from embedlab.evaluation.per_query import per_query_path, write_per_query
 from embedlab.evaluation.runs import write_trec_runs
 
 log = logging.getLogger(__name__)
@@ -164,12 +165,19 @@ class EmbedlabModule(L.LightningModule):
         if stage == "val" and not self.trainer.sanity_checking:
             self.validation_history.append({"epoch": float(self.current_epoch), "step": float(self.global_step), **metrics})
 
-    def write_run_files(self, stage: str, evaluator) -> list[Path]:
-        """Write the evaluator's final rankings (``last_runs``) as TREC run files under ``<run dir>/runs/``:
-        ``test_run.trec`` (and ``test_first_stage.trec`` for two-stage evaluators), ``val_epoch003_run.trec``."""
-        epoch = "" if stage == "test" else f"_epoch{self.current_epoch:03d}"
-        runs = getattr(evaluator, "last_runs", None) or {}
-        return write_trec_runs(runs, Path(self.trainer.default_root_dir) / "runs", f"{stage}{epoch}")
+    def write_eval_files(self, stage: str, evaluator) -> list[Path]:
+        """Write what the evaluator kept of its last evaluation under ``<run dir>/runs/``: its rankings
+        (``last_runs``) as TREC run files (``test_run.trec``, ``test_first_stage.trec`` for two-stage evaluators,
+        ``val_epoch003_run.trec``) and its per-query values (``last_per_query``) as ``test_per_query.jsonl`` /
+        ``val_epoch003_per_query.jsonl`` (:mod:`embedlab.evaluation.per_query`), for paired tests without
+        re-encoding."""
+        stem = stage if stage == "test" else f"{stage}_epoch{self.current_epoch:03d}"
+        folder = Path(self.trainer.default_root_dir) / "runs"
+        paths = write_trec_runs(getattr(evaluator, "last_runs", None) or {}, folder, stem)
+        units = getattr(evaluator, "last_per_query", None)
+        if units:
+            paths.append(write_per_query(units, per_query_path(folder, stem)))
+        return paths
 
     def best_validation(self, monitor: str, mode: str = "max") -> dict[str, float] | None:
         """The history entry with the best ``monitor`` value (the first of equal ones, as ModelCheckpoint keeps)."""

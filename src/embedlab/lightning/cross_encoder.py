@@ -149,6 +149,6 @@ class CrossEncoderModule(EmbedlabModule):
         if self.trainer.is_global_zero:
             computed = evaluator.compute(scores, prefix=f"{stage}/", rerank_seconds=seconds)
             metrics = {name: float(value) for name, value in computed.items()}
-            self.write_run_files(stage, evaluator)
+            self.write_eval_files(stage, evaluator)
         metrics = distributed.broadcast_object(metrics, src=0)
         self.log_evaluation(stage, metrics)

@@ -278,7 +278,7 @@ class BiEncoderModule(EmbedlabModule):
         if self.trainer.is_global_zero:
             metrics = {name: float(value) for name, value in evaluator.compute(embeddings, prefix=f"{stage}/").items()}
             self._store_eval_rows(evaluator, embeddings, fingerprints)
-            self.write_run_files(stage, evaluator)
+            self.write_eval_files(stage, evaluator)
             if evaluator.last_grid:
                 stem = f"{stage}_grid" if stage == "test" else f"{stage}_grid_epoch{self.current_epoch:03d}"
                 report_grid(evaluator.last_grid, self.trainer.default_root_dir, stem, self.trainer.loggers)
