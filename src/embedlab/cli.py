@@ -21,6 +21,13 @@ prints its own report (a trimmed traceback, or a multi-line message, then a line
 2. When the task starts it removes that setting again (processes the task launches, e.g. DDP ranks, must
    not inherit it) and reports user errors raised by the task itself by exiting with ``SystemExit(1)``,
    which ``run_and_report`` does not catch. Bugs raised by the task go through Hydra's normal report.
+3. A job of a multirun (``-m``) must not exit: Hydra's launchers record a job's ``Exception`` as a failed
+   job and run the next ones, but a ``SystemExit`` (a ``BaseException``) escapes them and ends the whole
+   sweep. There the user error is printed the same way, then raised as :class:`JobFailed` (a
+   :class:`UserError`), and ``HYDRA_FULL_ERROR`` is set again once the job ends: when the sweeper raises the
+   first failed job's exception after its batch, it reaches :func:`hydra_main`, which prints it as the last
+   line ``error: <message>`` and exits 1, after Hydra's ``Error executing job with overrides: [...]``. (A bug
+   in a job is a failed job too; the command then ends with its full traceback, not Hydra's trimmed one.)
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from embedlab.errors import UserError
+from embedlab.sweeps import multirun_job
 
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 
@@ -112,10 +120,22 @@ def error_message(ex: BaseException) -> str:
     return message
 
 
+class JobFailed(UserError):
+    """A user error that ended one job of a multirun (its message is the error's one line): an ordinary
+    exception, so that Hydra's launcher marks the job failed and goes on with the others."""
+
+
+def print_error(ex: BaseException) -> str:
+    """Print ``error: <message>`` as one line on stderr; returns the message."""
+    message = error_message(ex)
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return message
+
+
 def exit_with_error(ex: BaseException) -> NoReturn:
     """Print ``error: <message>`` as one line on stderr and exit with status 1."""
-    sys.stdout.flush()
-    print(f"error: {error_message(ex)}", file=sys.stderr, flush=True)
+    print_error(ex)
     raise SystemExit(1)
 
 
@@ -134,16 +154,24 @@ def hydra_main(config_name: str, config_path: str = "configs") -> Callable[[Call
         @functools.wraps(task)
         def reporting_task(cfg: DictConfig) -> Any:
             nonlocal set_here
+            owned = set_here  # HYDRA_FULL_ERROR is this process's setting, for Hydra's phases only
             if set_here:
                 os.environ.pop(FULL_ERROR_ENV, None)
                 set_here = False
+            in_sweep = multirun_job() is not None
             try:
                 return task(cfg)
             except Exception as ex:
                 cause = user_error(ex)
                 if cause is None or full_error_requested():
                     raise
+                if in_sweep:
+                    raise JobFailed(print_error(cause)) from ex
                 exit_with_error(cause)
+            finally:
+                if owned and in_sweep:  # the next job, or the sweeper raising a failed job's error
+                    os.environ[FULL_ERROR_ENV] = "1"
+                    set_here = True
 
         hydra_decorated = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(reporting_task)
 

@@ -4,6 +4,9 @@
   (``<site-packages>/<package>/model``), so the default model needs no download.
 - ``${wandb_offline:}``: true unless W&B credentials are available.
 - ``${default_data_root:ROOT}``: ``ROOT/../shared/data`` when present, else ``ROOT/data``.
+- ``${sweep_group:}``: in a Hydra multirun, the sweep folder's name (the W&B group of its jobs); else null.
+- ``${sweep_run_name:DEFAULT}``: in a Hydra multirun, the job's swept overrides (``pooling=cls,seed=1``);
+  else ``DEFAULT``. Both read Hydra's running config (:mod:`embedlab.sweeps`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from embedlab.sweeps import group_resolver, run_name_resolver
 
 
 def package_model_path(package: str, subfolder: str = "model") -> str:
@@ -41,7 +46,13 @@ def default_data_root(root_dir: str) -> str:
     return str(shared if shared.is_dir() else Path(root_dir) / "data")
 
 
-RESOLVERS = {"pkg_model": package_model_path, "wandb_offline": wandb_offline, "default_data_root": default_data_root}
+RESOLVERS = {
+    "pkg_model": package_model_path,
+    "wandb_offline": wandb_offline,
+    "default_data_root": default_data_root,
+    "sweep_group": group_resolver,
+    "sweep_run_name": run_name_resolver,
+}
 
 
 def register_resolvers() -> None:
