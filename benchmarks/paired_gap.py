@@ -2,8 +2,10 @@
 
 Both models are scored on the same test queries at each Matryoshka dim; the per-query differences
 (model A minus model B) give the mean gap, a paired bootstrap 95 % interval (queries resampled with
-replacement) and a two-sided paired sign-flip permutation p-value. Each model is encoded once; the dims are
-truncations of that one encoding (re-normalised, as the evaluation grid does).
+replacement) and a two-sided paired sign-flip permutation p-value: the per-query units of the evaluator's
+compression grid (each model encoded once, the dims truncations of that encoding) and the paired test of
+report.py (:func:`embedlab.evaluation.significance.paired_over_seeds`). Runs that are already trained and
+evaluated need no re-encoding: ``python report.py`` reads their per-query files.
 
     python benchmarks/paired_gap.py --data-root ../shared/data \
         --pair matryoshka=RUN_A/model,plain=RUN_B/model --dims 384,64 --out benchmarks/results/paired_gap.md
@@ -28,28 +30,29 @@ import numpy as np
 import torch
 
 from embedlab.data.readers import load_beir
-from embedlab.evaluation.reduction import truncate
-from embedlab.evaluation.evaluators import RetrievalEvaluator, encode_plan
-from embedlab.evaluation.metrics import per_query_metrics
-from embedlab.evaluation.search import exact_search, search_to_run
-from embedlab.evaluation.significance import paired_stats
+from embedlab.evaluation.evaluators import RetrievalEvaluator
+from embedlab.evaluation.per_query import PerQuery
+from embedlab.evaluation.significance import paired_over_seeds
 from embedlab.evaluation.significance import train_overlap_subsets as overlap_subsets
 from embedlab.models import BiEncoder
 
 
-def per_query_ndcg(model_path: str, task, dims: list[int], batch_size: int) -> dict[int, np.ndarray]:
-    """``{dim: (Q,) nDCG@10 per test query}``, queries in qrels order (``task.qrels``)."""
+def per_query_units(model_path: str, task, dims: list[int], batch_size: int) -> PerQuery:
+    """Each test query's ``test/ndcg@10@dim<d>``: the evaluator's per-query units of one encoding, its compression
+    grid giving the truncated dims (the same units training writes to ``test_per_query.jsonl``)."""
     model = BiEncoder.from_pretrained(model_path).eval()
-    evaluator = RetrievalEvaluator(task)  # its encode plan and id order: the texts the training-time evaluation scores
+    evaluator = RetrievalEvaluator(task, k_values=(10,), dims=dims, batch_size=batch_size)
     with torch.no_grad():
-        emb = encode_plan(model, evaluator.encode_plan(), batch_size, show_progress_bar=True)
-    out = {}
-    for dim in dims:
-        scores, indices = exact_search(truncate(emb["query"], dim), truncate(emb["document"], dim), top_k=10)
-        run = search_to_run(scores, indices, evaluator.query_ids, evaluator.corpus_ids)
-        per_query = per_query_metrics(run, task.qrels, k_values=(10,))
-        out[dim] = np.array([per_query[q]["ndcg@10"] for q in task.qrels])
-    return out
+        evaluator.evaluate(model, prefix="test/")
+    return evaluator.last_per_query
+
+
+def metric(dim: int) -> str:
+    return f"test/ndcg@10@dim{dim}"
+
+
+def column(units: PerQuery, dim: int, ids: list[str]) -> np.ndarray:
+    return np.array([units[q][metric(dim)] for q in ids])
 
 
 def train_overlap_subsets(folder: Path, task) -> dict[str, np.ndarray]:
@@ -98,10 +101,11 @@ def main() -> None:
     subsets = {"all": np.ones(len(task.qrels), dtype=bool)}
     if args.by_train_overlap:
         subsets = train_overlap_subsets(Path(args.data_root) / args.dataset, task)
-    encoded: dict[str, dict[int, np.ndarray]] = {}
+    encoded: dict[str, PerQuery] = {}
     for name, path in paths.items():
         print(f"encoding {name}: {path}", flush=True)
-        encoded[name] = per_query_ndcg(path, task, dims, args.batch_size)
+        encoded[name] = per_query_units(path, task, dims, args.batch_size)
+    query_ids = list(task.qrels)
     rng = np.random.default_rng(args.seed)
 
     lines = [
@@ -119,9 +123,14 @@ def main() -> None:
     ]
     for (name_a, _), (name_b, _) in pairs:
         for subset, mask in subsets.items():
+            ids = [q for q, keep in zip(query_ids, mask) if keep]
+            if not ids:
+                continue
+            units_a = {q: encoded[name_a][q] for q in ids}
+            units_b = {q: encoded[name_b][q] for q in ids}
             for dim in dims:
-                a, b = encoded[name_a][dim][mask], encoded[name_b][dim][mask]
-                s = paired_stats(a, b, args.resamples, rng)
+                a, b = column(units_a, dim, ids), column(units_b, dim, ids)
+                s = paired_over_seeds([units_a], [units_b], metric(dim), args.resamples, args.seed)
                 lines.append(
                     f"| {name_a} | {name_b} | {subset} ({mask.sum()}) | {dim} | {a.mean():.4f} | {b.mean():.4f} | {s['mean']:+.2f} | "
                     f"[{s['lo']:+.2f}, {s['hi']:+.2f}] | {s['se']:.2f} | {s['p']:.3f} |"
@@ -131,7 +140,10 @@ def main() -> None:
         lines += ["", f"| model | queries | dim{low} / dim{high} | 95 % interval |", "|---|---|---|---|"]
         for name in args.ratio:
             for subset, mask in subsets.items():
-                r = ratio_stats(encoded[name][low][mask], encoded[name][high][mask], args.resamples, rng)
+                ids = [q for q, keep in zip(query_ids, mask) if keep]
+                if not ids:
+                    continue
+                r = ratio_stats(column(encoded[name], low, ids), column(encoded[name], high, ids), args.resamples, rng)
                 lines.append(f"| {name} | {subset} ({mask.sum()}) | {r['ratio']:.1f} % | [{r['lo']:.1f}, {r['hi']:.1f}] % |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -3,31 +3,100 @@
 Both systems are scored on the same queries, so the per-query differences ``a - b`` carry the comparison:
 their mean, a bootstrap 95 % interval (queries resampled with replacement; Efron & Tibshirani 1993) and a
 two-sided sign-flip permutation p-value (under the null the sign of each query's difference is arbitrary;
-Smucker et al. 2007 compare these tests for IR). Also the split of a BEIR test set into queries whose relevant
+Smucker et al. 2007 compare these tests for IR); :func:`paired_over_seeds` pools several seeds' runs read from the
+per-query files and handles correlation metrics (STS) by resampling pairs. Also the split of a BEIR test set into queries whose relevant
 documents were training positives ("seen") and the rest ("unseen"): on SciFact most relevant test documents are
 also training positives, which flatters anything trained on its train split.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import itertools
+from typing import Mapping, Sequence
 
 import numpy as np
+
+from embedlab.evaluation.per_query import PerQuery, correlation, correlation_kind, unit_columns
 
 
 def paired_stats(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, rng: np.random.Generator | None = None) -> dict[str, float]:
     """Mean of ``100 * (a - b)`` (metric points), its bootstrap 95 % interval ``lo``/``hi``, the sign-flip
-    permutation ``p`` and the standard error ``se``; ``a``, ``b``: (Q,) per-query values of the same queries."""
+    permutation ``p`` and the standard error ``se``; ``a``, ``b``: (Q,) per-query values of the same queries.
+
+    With few queries (``2**Q <= resamples``) ``p`` is exact: every one of the ``2**Q`` sign patterns is counted."""
     rng = np.random.default_rng(0) if rng is None else rng
     diff = 100 * (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))  # (Q,)
     idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
     boot = diff[idx].mean(axis=1)
-    signs = rng.choice([-1.0, 1.0], size=(resamples, len(diff)))
-    null = np.abs((signs * diff).mean(axis=1))
+    observed = abs(diff.mean()) - 1e-12
+    if 2 ** len(diff) <= resamples:
+        signs = np.array(list(itertools.product([-1.0, 1.0], repeat=len(diff))))  # (2**Q, Q)
+        p = float((np.abs((signs * diff).mean(axis=1)) >= observed).mean())
+    else:
+        signs = rng.choice([-1.0, 1.0], size=(resamples, len(diff)))
+        p = float((1 + (np.abs((signs * diff).mean(axis=1)) >= observed).sum()) / (1 + resamples))
     return {
         "mean": float(diff.mean()), "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)),
-        "p": float((1 + (null >= abs(diff.mean()) - 1e-12).sum()) / (1 + resamples)),
-        "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan"),
+        "p": p, "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan"),
+    }
+
+
+def paired_over_seeds(
+    a: Sequence[PerQuery], b: Sequence[PerQuery], metric: str, resamples: int = 10_000, seed: int = 0
+) -> dict[str, float]:
+    """Paired test of ``metric`` between two configurations run with the same seeds, pooled over the seeds.
+
+    ``a[i]`` and ``b[i]`` are the per-query units (:mod:`embedlab.evaluation.per_query`) of the two configurations'
+    runs with the i-th common seed. The difference is the mean over seeds of ``metric(a[i]) - metric(b[i])``, in
+    points (x100 for a mean of per-query values in [0, 1]; correlations are already in percent). Units (queries
+    or pairs) are resampled together across seeds, since a query that is hard for one seed's model is hard for
+    all of them: the bootstrap interval resamples units with replacement; the permutation test swaps the two
+    configurations' values of a unit (in every seed at once). For a mean metric this is :func:`paired_stats` on
+    the seed-averaged per-query values. Returns ``mean, lo, hi, p, se`` (``se`` from the bootstrap for
+    correlations) and ``units``, ``seeds``.
+    """
+    if not a or len(a) != len(b):
+        raise ValueError(f"paired_over_seeds needs the same number (> 0) of runs on each side, got {len(a)} and {len(b)}")
+    ids = [u for u in a[0] if all(u in units for units in (*a, *b))]
+    if not ids:
+        raise ValueError(f"{metric}: the two configurations share no per-query unit")
+    rng = np.random.default_rng(seed)
+    kind = correlation_kind(metric)
+    if kind is None:
+        mean_a = np.mean([unit_columns(units, metric, ids)["value"] for units in a], axis=0)  # (U,)
+        mean_b = np.mean([unit_columns(units, metric, ids)["value"] for units in b], axis=0)
+        stats = paired_stats(mean_a, mean_b, resamples, rng)
+    else:
+        stats = _paired_correlation(kind, [unit_columns(u, metric, ids) for u in a], [unit_columns(u, metric, ids) for u in b], resamples, rng)
+    return {**stats, "units": float(len(ids)), "seeds": float(len(a))}
+
+
+def _paired_correlation(kind: str, a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]], resamples: int,
+                        rng: np.random.Generator, chunk: int = 500) -> dict[str, float]:
+    """Bootstrap and swap-permutation test of a correlation difference, averaged over seeds (see above)."""
+    gold = a[0]["gold"]  # (P,) the same pairs in every run
+    pa = np.stack([cols["prediction"] for cols in a])  # (S, P)
+    pb = np.stack([cols["prediction"] for cols in b])
+
+    def diff(g: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        # g (R, P), x / y (S, R, P) -> (R,): mean over seeds of corr(g, x) - corr(g, y)
+        return (correlation(kind, g[None], x) - correlation(kind, g[None], y)).mean(axis=0)
+
+    n = len(gold)
+    observed = float(diff(gold[None], pa[:, None], pb[:, None])[0])
+    boot, null = [], []
+    for start in range(0, resamples, chunk):
+        r = min(chunk, resamples - start)
+        idx = rng.integers(0, n, size=(r, n))  # (r, P)
+        boot.append(diff(gold[idx], pa[:, idx], pb[:, idx]))
+        swap = rng.random((r, n)) < 0.5  # (r, P), the same swap in every seed
+        x, y = np.where(swap, pb[:, None], pa[:, None]), np.where(swap, pa[:, None], pb[:, None])
+        null.append(np.abs(diff(np.broadcast_to(gold, (r, n)), x, y)))
+    boot_all, null_all = np.concatenate(boot), np.concatenate(null)
+    return {
+        "mean": observed, "lo": float(np.percentile(boot_all, 2.5)), "hi": float(np.percentile(boot_all, 97.5)),
+        "p": float((1 + (null_all >= abs(observed) - 1e-12).sum()) / (1 + resamples)),
+        "se": float(boot_all.std(ddof=1)),
     }
 
 
