@@ -7,6 +7,8 @@ trial <-> job bookkeeping, failed / interrupted trials, resume, direction. In a 
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import subprocess
 import sys
@@ -261,6 +263,19 @@ def test_train_search_on_the_tiny_model_resumes_from_sqlite(tmp_path, tiny_data_
             assert trial.intermediate_values
     assert {t.state for t in ran} == {TrialState.COMPLETE, TrialState.FAIL}
     assert OmegaConf.load(sweep / "optimization_results.yaml").best_trial == load_sweep_study(sweep).best_trial.number
+
+    # report.py lists every trial: complete ones as rows with their value, the others with their state and reason
+    from embedlab.report import build_report
+
+    files = build_report(sweep, wandb=False)
+    rows = {r["trial"]: r for r in csv.DictReader(io.StringIO(files["csv"].read_text())) if r["metric"] == "val/ndcg@10"}
+    study = load_sweep_study(sweep)
+    assert {t.number for t in study.trials if t.state == TrialState.COMPLETE} == {int(n) for n, r in rows.items() if r["n"] == "1"}
+    for t in study.trials:
+        if t.state == TrialState.COMPLETE:
+            assert float(rows[str(t.number)]["mean"]) == t.value
+        else:
+            assert f"- job {t.number} (trial={t.number}" in files["md"].read_text()
 
 
 def test_pruning_callback_reports_validations_and_prunes(tmp_path):

@@ -267,8 +267,8 @@ def test_an_optuna_search_reads_as_one_row_per_trial(tmp_path):
     files = build_report(sweep, out_dir=tmp_path / "out", wandb=False)
     md = files["md"].read_text()
     rows = list(csv.DictReader(io.StringIO(files["csv"].read_text())))
-    assert [(r["module.optimizer.lr"], r["metric"], float(r["mean"])) for r in rows if r["n"] == "1"] == [
-        ("1e-05", "val/ndcg@10", pytest.approx(0.3)), ("1e-05", "test/ndcg@10", pytest.approx(0.25)),
-        ("0.0001", "val/ndcg@10", pytest.approx(0.5)), ("0.0001", "test/ndcg@10", pytest.approx(0.45))]
-    assert "| 0.0001 | **0.5000** | 1 |" in md  # the best trial's value, marked
-    assert "- job 1 (module.optimizer.lr=3e-05, model=tiny): failed: ValueError: Invalid learning rate" in md
+    assert [(r["trial"], r["module.optimizer.lr"], r["metric"], float(r["mean"])) for r in rows if r["n"] == "1"] == [
+        ("0", "1e-05", "val/ndcg@10", pytest.approx(0.3)), ("0", "1e-05", "test/ndcg@10", pytest.approx(0.25)),
+        ("2", "0.0001", "val/ndcg@10", pytest.approx(0.5)), ("2", "0.0001", "test/ndcg@10", pytest.approx(0.45))]
+    assert "| 2 | 0.0001 | **0.5000** | 1 |" in md  # the best trial's value, marked
+    assert "- job 1 (trial=1, module.optimizer.lr=3e-05, model=tiny): failed: ValueError: Invalid learning rate" in md

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from embedlab.atomic import atomic_file, atomic_write_text
 from embedlab.evaluation.per_query import correlation_kind
+from embedlab.report.sweep import parse_value
 from embedlab.report.table import Comparison, Row, Table
 
 CSV_COLUMNS = ("metric", "mean", "std", "n", "diff", "lo", "hi", "p", "seeds", "units", "note")
@@ -66,10 +67,16 @@ def header(table: Table) -> list[str]:
     return cols
 
 
+def shown_value(value: str) -> str:
+    """An override value for a table: a float drawn by a search (``1.5355286838886852e-05``) to 4 digits."""
+    parsed = parse_value(value)
+    return f"{parsed:.4g}" if isinstance(parsed, float) and value == repr(parsed) and len(value) > 8 else value
+
+
 def _body(table: Table, bold: tuple[str, str]) -> list[list[str]]:
     rows = []
     for row in table.rows:
-        cells = list(row.values.values()) or [row.label]
+        cells = [shown_value(v) for v in row.values.values()] or [row.label]
         for metric in table.metrics:
             cells += _cells(table, row, metric, bold)
         rows.append(cells)

@@ -149,6 +149,7 @@ def optuna_jobs(sweep_dir: Path) -> list[Job]:
     for trial in load_sweep_study(sweep_dir).trials:
         folder = sweep_dir / str(trial.number)
         job = _job(str(trial.number), list(trial.user_attrs.get("overrides", [])), folder if folder.is_dir() else None)
+        job.overrides = {"trial": str(trial.number), **job.overrides}  # one row per trial, numbered as the study
         if job.status != "complete":
             job.status = {"FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running"}.get(trial.state.name, job.status)
             job.note = str(trial.user_attrs.get("failure", ""))
