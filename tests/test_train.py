@@ -11,6 +11,7 @@ import torch
 
 from embedlab.data.readers import load_beir
 from embedlab.evaluating import evaluate
+from embedlab.evaluation.per_query import read_per_query, unit_statistic
 from embedlab.evaluation.evaluators import RetrievalEvaluator
 from embedlab.models import BiEncoder
 from embedlab.models.checkpoint import safe_load
@@ -82,6 +83,9 @@ def test_evaluate_checkpoint_and_folder_agree(trained, tmp_path, tiny_data_root)
         cfg = compose_config("evaluate", [f"model.path={path}", f"data.root={tiny_data_root}", "logger=none", "progress_bar=false"], tmp_path / name)
         results[name], _ = evaluate(cfg)
         assert json.loads((tmp_path / name / "metrics.json").read_text())["test/ndcg@10"] == pytest.approx(results[name]["test/ndcg@10"])
+        # evaluate.py's per-query file beside metrics.json averages to its metrics
+        units = read_per_query(tmp_path / name / "test_per_query.jsonl")
+        assert unit_statistic(units, "test/ndcg@10") == pytest.approx(results[name]["test/ndcg@10"], abs=1e-9)
     assert results["ckpt"]["test/ndcg@10"] == pytest.approx(results["folder"]["test/ndcg@10"], abs=1e-6)
     assert results["ckpt"]["test/ndcg@10"] == pytest.approx(metrics["test/ndcg@10"], abs=1e-6)
 
