@@ -7,7 +7,6 @@ and, where the loss exists there, (b) sentence-transformers' own loss, driven th
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
