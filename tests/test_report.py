@@ -272,3 +272,21 @@ def test_an_optuna_search_reads_as_one_row_per_trial(tmp_path):
         ("2", "0.0001", "val/ndcg@10", pytest.approx(0.5)), ("2", "0.0001", "test/ndcg@10", pytest.approx(0.45))]
     assert "| 2 | 0.0001 | **0.5000** | 1 |" in md  # the best trial's value, marked
     assert "- job 1 (trial=1, module.optimizer.lr=3e-05, model=tiny): failed: ValueError: Invalid learning rate" in md
+
+
+def test_seeds_with_different_queries_are_paired_within_each_seed(tmp_path):
+    """A validation split drawn by the seed: each seed's runs share their queries, other seeds hold others. The
+    difference is the mean over seeds of each seed's paired difference (= the difference of the rows' means)."""
+    def units(job):
+        rng = np.random.default_rng(zlib.crc32(repr(sorted(job.items())).encode()))
+        first = 3 * int(job["seed"])  # seed 1: q3..q7, seed 2: q6..q10
+        return {f"q{i}": {"test/ndcg@10": float(rng.uniform(0, 1))} for i in range(first, first + 5)}
+
+    sweep = make_sweep(tmp_path / "sweep", {"pooling": "mean,cls", "seed": "1,2"}, units)
+    table = build_table(load_jobs(sweep), baseline="pooling=mean", resamples=3000)
+    c = table.rows[1].versus["test/ndcg@10"]
+    per_seed = [_per_query(sweep, str(2 + s)) - _per_query(sweep, str(s)) for s in (0, 1)]
+    assert c.mean == pytest.approx(100 * np.mean([d.mean() for d in per_seed]), abs=1e-9)
+    assert c.mean == pytest.approx(100 * (table.rows[1].cells["test/ndcg@10"].mean - table.rows[0].cells["test/ndcg@10"].mean), abs=1e-9)
+    assert c.units == 8 and c.seeds == 2
+    assert c.lo < c.mean < c.hi and 0 < c.p <= 1

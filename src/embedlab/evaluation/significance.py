@@ -47,51 +47,67 @@ def paired_over_seeds(
     """Paired test of ``metric`` between two configurations run with the same seeds, pooled over the seeds.
 
     ``a[i]`` and ``b[i]`` are the per-query units (:mod:`embedlab.evaluation.per_query`) of the two configurations'
-    runs with the i-th common seed. The difference is the mean over seeds of ``metric(a[i]) - metric(b[i])``, in
-    points (x100 for a mean of per-query values in [0, 1]; correlations are already in percent). Units (queries
-    or pairs) are resampled together across seeds, since a query that is hard for one seed's model is hard for
-    all of them: the bootstrap interval resamples units with replacement; the permutation test swaps the two
-    configurations' values of a unit (in every seed at once). For a mean metric this is :func:`paired_stats` on
-    the seed-averaged per-query values. Returns ``mean, lo, hi, p, se`` (``se`` from the bootstrap for
-    correlations) and ``units``, ``seeds``.
+    runs with the i-th common seed; within a seed they are paired by unit id. The difference is the mean over
+    seeds of ``metric(a[i]) - metric(b[i])``, in points (x100 for a mean of per-query values in [0, 1];
+    correlations are already in percent). The bootstrap interval resamples units with replacement, the
+    permutation test swaps the two configurations' values of a unit. When every seed has the same units (a test
+    set) a unit is resampled or swapped in all seeds at once, since a query that is hard for one seed's model is
+    hard for all of them; for a mean metric that is :func:`paired_stats` on the seed-averaged per-query values.
+    When the units differ by seed (a validation split drawn by the seed) each seed is resampled on its own
+    (stratified) and the seeds' differences averaged. Returns ``mean, lo, hi, p, se`` (``se`` from the bootstrap
+    unless :func:`paired_stats` gives it) and ``units`` (distinct unit ids), ``seeds``.
     """
     if not a or len(a) != len(b):
         raise ValueError(f"paired_over_seeds needs the same number (> 0) of runs on each side, got {len(a)} and {len(b)}")
-    ids = [u for u in a[0] if all(u in units for units in (*a, *b))]
-    if not ids:
-        raise ValueError(f"{metric}: the two configurations share no per-query unit")
+    per_seed = [[u for u in ai if u in bi] for ai, bi in zip(a, b)]
+    if not all(per_seed):
+        raise ValueError(f"{metric}: the two configurations share no per-query unit in seed {[bool(i) for i in per_seed].index(False)}")
     rng = np.random.default_rng(seed)
     kind = correlation_kind(metric)
-    if kind is None:
-        mean_a = np.mean([unit_columns(units, metric, ids)["value"] for units in a], axis=0)  # (U,)
-        mean_b = np.mean([unit_columns(units, metric, ids)["value"] for units in b], axis=0)
+    joint = all(set(ids) == set(per_seed[0]) for ids in per_seed)
+    if joint:
+        per_seed = [per_seed[0]] * len(a)  # one unit order for every seed
+    cols_a = [unit_columns(units, metric, ids) for units, ids in zip(a, per_seed)]
+    cols_b = [unit_columns(units, metric, ids) for units, ids in zip(b, per_seed)]
+    if joint and kind is None:
+        mean_a = np.mean([c["value"] for c in cols_a], axis=0)  # (U,)
+        mean_b = np.mean([c["value"] for c in cols_b], axis=0)
         stats = paired_stats(mean_a, mean_b, resamples, rng)
     else:
-        stats = _paired_correlation(kind, [unit_columns(u, metric, ids) for u in a], [unit_columns(u, metric, ids) for u in b], resamples, rng)
-    return {**stats, "units": float(len(ids)), "seeds": float(len(a))}
+        stats = _paired_draws(kind, cols_a, cols_b, joint, resamples, rng)
+    return {**stats, "units": float(len(set().union(*per_seed))), "seeds": float(len(a))}
 
 
-def _paired_correlation(kind: str, a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]], resamples: int,
-                        rng: np.random.Generator, chunk: int = 500) -> dict[str, float]:
-    """Bootstrap and swap-permutation test of a correlation difference, averaged over seeds (see above)."""
-    gold = a[0]["gold"]  # (P,) the same pairs in every run
-    pa = np.stack([cols["prediction"] for cols in a])  # (S, P)
-    pb = np.stack([cols["prediction"] for cols in b])
+def _paired_draws(kind: str | None, cols_a: list[dict[str, np.ndarray]], cols_b: list[dict[str, np.ndarray]], joint: bool,
+                  resamples: int, rng: np.random.Generator, chunk: int = 500) -> dict[str, float]:
+    """Bootstrap and swap-permutation draws of the seed-averaged difference (see :func:`paired_over_seeds`)."""
+    field = "prediction" if kind else "value"
 
-    def diff(g: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        # g (R, P), x / y (S, R, P) -> (R,): mean over seeds of corr(g, x) - corr(g, y)
-        return (correlation(kind, g[None], x) - correlation(kind, g[None], y)).mean(axis=0)
+    def diff(s: int, idx: np.ndarray | None = None, swap: np.ndarray | None = None) -> np.ndarray:
+        # seed s's difference a - b in points; idx (r, n) resamples units, swap (r, n) exchanges a and b: -> (r,)
+        x, y = cols_a[s][field], cols_b[s][field]  # (n,)
+        gold = cols_a[s]["gold"] if kind else None
+        if idx is not None:
+            x, y = x[idx], y[idx]
+            gold = gold[idx] if kind else None
+        if swap is not None:
+            x, y = np.where(swap, y, x), np.where(swap, x, y)
+        if kind:
+            return correlation(kind, gold, x) - correlation(kind, gold, y)
+        return 100 * (x - y).mean(axis=-1)
 
-    n = len(gold)
-    observed = float(diff(gold[None], pa[:, None], pb[:, None])[0])
+    seeds = range(len(cols_a))
+    observed = float(np.mean([diff(s) for s in seeds]))
     boot, null = [], []
     for start in range(0, resamples, chunk):
         r = min(chunk, resamples - start)
-        idx = rng.integers(0, n, size=(r, n))  # (r, P)
-        boot.append(diff(gold[idx], pa[:, idx], pb[:, idx]))
-        swap = rng.random((r, n)) < 0.5  # (r, P), the same swap in every seed
-        x, y = np.where(swap, pb[:, None], pa[:, None]), np.where(swap, pa[:, None], pb[:, None])
-        null.append(np.abs(diff(np.broadcast_to(gold, (r, n)), x, y)))
+        sizes = [len(cols_a[s][field]) for s in seeds]
+        shared_idx = rng.integers(0, sizes[0], size=(r, sizes[0])) if joint else None
+        shared_swap = rng.random((r, sizes[0])) < 0.5 if joint else None
+        idx = [shared_idx if joint else rng.integers(0, n, size=(r, n)) for n in sizes]
+        swap = [shared_swap if joint else rng.random((r, n)) < 0.5 for n in sizes]
+        boot.append(np.mean([diff(s, idx=idx[s]) for s in seeds], axis=0))
+        null.append(np.abs(np.mean([diff(s, swap=swap[s]) for s in seeds], axis=0)))
     boot_all, null_all = np.concatenate(boot), np.concatenate(null)
     return {
         "mean": observed, "lo": float(np.percentile(boot_all, 2.5)), "hi": float(np.percentile(boot_all, 97.5)),
