@@ -174,7 +174,7 @@ def model_fingerprint(model, kind: str, weights: str | None = None, device_type:
     if kind not in ("query", "document"):
         raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
     weights = weights or weights_digest(model)
-    device_type = device_type or next(iter(model.parameters())).device.type
+    device_type = device_type or model.device.type  # (an ONNX Runtime backbone has no parameter)
     side = {
         "format": FORMAT,
         "weights": weights,

@@ -144,10 +144,12 @@ class BiEncoderTeacher:
         batch_size: texts per forward pass.
         similarity: ``cos`` | ``dot``; ``None``: the model's own similarity.
         torch_dtype: ``float32`` / ``bfloat16`` / ``float16``; ``None``: as the folder loads.
+        backend / onnx_threads: as :meth:`BiEncoder.from_pretrained <embedlab.models.BiEncoder.from_pretrained>`
+            (``onnx_int8``: encode with the folder's int8 ONNX graph, docs/inference.md).
     """
 
     def __init__(self, path: str, batch_size: int = 64, similarity: str | None = None,
-                 torch_dtype: str | None = None) -> None:
+                 torch_dtype: str | None = None, backend: str = "torch", onnx_threads: int | None = None) -> None:
         from embedlab.models.bi_encoder import BiEncoder
 
         _check_batch_size(batch_size, "bi_encoder")
@@ -155,7 +157,7 @@ class BiEncoderTeacher:
             raise ConfigError(
                 f"teachers.bi_encoder.similarity must be one of {', '.join(SIMILARITIES)} or null, got {similarity!r}"
             )
-        self.model = BiEncoder.from_pretrained(path, torch_dtype=torch_dtype)
+        self.model = BiEncoder.from_pretrained(path, torch_dtype=torch_dtype, backend=backend, onnx_threads=onnx_threads)
         self.batch_size = batch_size
         self.similarity = similarity or self.model.similarity
 

@@ -13,6 +13,7 @@ is the document length (see :meth:`BiEncoder.save`).
 
 from __future__ import annotations
 
+import itertools
 import os
 from importlib.metadata import version
 from pathlib import Path
@@ -174,7 +175,11 @@ class BiEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the model's tensors are: its first parameter's device, else its first buffer's (an ONNX backbone
+        has no parameter, see :mod:`embedlab.models.onnx`), else the CPU."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
     def tokenize(self, texts: Sequence[str], kind: str = "document", padding: bool = True):
         """Prompt + tokenize ``texts`` as queries or documents (padding to the longest in the batch)."""
@@ -258,6 +263,8 @@ class BiEncoder(nn.Module):
         projection_dim: int | None = None,
         fast_cpu_dropout: bool = True,
         trust_remote_code: bool = False,
+        backend: str = "torch",
+        onnx_threads: int | None = None,
     ) -> "BiEncoder":
         """Load a Hugging Face / sentence-transformers folder, a Hub id, or an embedlab ``.ckpt``.
 
@@ -273,15 +280,29 @@ class BiEncoder(nn.Module):
         :mod:`embedlab.models.cpu_dropout` (faster CPU training, same function; no effect elsewhere).
         ``trust_remote_code`` lets transformers run the modelling code a Hub repository ships; off unless
         set, as that code runs with the user's rights.
+        ``backend``: ``torch`` runs the backbone in PyTorch; ``onnx`` / ``onnx_int8`` / ``onnx_int8_vnni`` run the
+        folder's exported float32 / int8 graph (``onnx/model.onnx`` / ``onnx/model_quint8_avx2.onnx`` /
+        ``onnx/model_qint8_avx512_vnni.onnx``, exported first when missing) in ONNX Runtime with ``onnx_threads`` intra-op threads (``None``: ONNX Runtime's default); pooling, dense
+        and normalization stay torch modules (:mod:`embedlab.models.onnx`). Inference only, float32 graphs
+        (``torch_dtype`` must be unset or float32), local folders only (not a Hub id or a ``.ckpt``).
         For a ``.ckpt``, :func:`embedlab.models.checkpoint.load_checkpoint` says which options apply.
         """
-        options = {k: v for k, v in locals().items() if k not in ("cls", "path")}  # as given, for a .ckpt
+        # as given, for a .ckpt (whose model always runs in torch)
+        options = {k: v for k, v in locals().items() if k not in ("cls", "path", "backend", "onnx_threads")}
         if not isinstance(fast_cpu_dropout, bool):
             raise ModelLoadError(f"model.fast_cpu_dropout must be true or false, got {fast_cpu_dropout!r}")
         if not isinstance(trust_remote_code, bool):
             raise ModelLoadError(f"model.trust_remote_code must be true or false, got {trust_remote_code!r}")
+        from embedlab.models.onnx import BACKENDS, load_onnx_transformer
+
+        if backend not in BACKENDS:
+            raise ModelLoadError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         path = str(path)
         if path.endswith(".ckpt"):
+            if backend != "torch":
+                raise ModelLoadError(
+                    f"model.backend={backend} needs a saved model folder (python export.py FOLDER), not a checkpoint"
+                )
             from embedlab.models.checkpoint import load_checkpoint
 
             return load_checkpoint(path, model_class=cls, **options)
@@ -289,11 +310,18 @@ class BiEncoder(nn.Module):
         saved = read_folder_config(folder) if folder.is_dir() else {}
         if isinstance(pooling, str) and pooling != AUTO:
             pooling = Pooling(pooling)  # an unknown mode fails before the backbone loads
-        transformer = load_transformer(
-            path, torch_dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
-        if fast_cpu_dropout:
-            use_fast_cpu_dropout(transformer.backbone)
+        if backend == "torch":
+            transformer = load_transformer(
+                path, torch_dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+            )
+            if fast_cpu_dropout:
+                use_fast_cpu_dropout(transformer.backbone)
+        else:
+            if torch_dtype not in (None, "float32"):
+                raise ModelLoadError(
+                    f"model.torch_dtype={torch_dtype} applies to model.backend=torch only (ONNX graphs run in float32)"
+                )
+            transformer = load_onnx_transformer(path, backend, threads=onnx_threads, trust_remote_code=trust_remote_code)
         transformer.do_lower_case = bool(saved.get("do_lower_case", False))
         dense = Dense.load(folder / saved["dense_path"]) if "dense_path" in saved else None
         if projection_dim is not None:
@@ -324,6 +352,9 @@ class BiEncoder(nn.Module):
             "fast_cpu_dropout": fast_cpu_dropout,
             "trust_remote_code": trust_remote_code,
         }
+        if backend != "torch":  # recorded for inspection only: such a model never trains, so never checkpoints
+            model.build_args.update(backend=backend, onnx_threads=onnx_threads)
+            model.eval()
         return model
 
 
