@@ -16,13 +16,38 @@ from pathlib import Path
 
 import torch
 
-from embedlab.data.readers import load_beir
-from embedlab.evaluation.evaluators import RetrievalEvaluator
-from embedlab.models import BiEncoder
-from embedlab.resolvers import package_model_path
+#: sentence-transformers' InformationRetrievalEvaluator cutoffs: every metric embedlab's evaluator reports
+ST_IR_CUTOFFS = dict(ndcg_at_k=[10], map_at_k=[100], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10, 100])
+
+
+def st_ir_evaluator(queries: dict[str, str], corpus: dict[str, str], relevant_docs: dict[str, set[str]], batch_size: int):
+    """sentence-transformers' retrieval evaluator over the same data and cutoffs as embedlab's.
+
+    Imports only sentence-transformers, so a separate environment that lacks embedlab (the ONNX backend's, see
+    ``benchmarks/onnx_inference.py``) builds the same evaluator.
+    """
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    return InformationRetrievalEvaluator(
+        queries=queries, corpus=corpus, relevant_docs=relevant_docs, batch_size=batch_size,
+        show_progress_bar=False, name="scifact", **ST_IR_CUTOFFS,
+    )
+
+
+def machine_line() -> str:
+    """The report's ``- machine:`` line: CPU, cores, torch and its thread count."""
+    return (
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), device cpu"
+    )
 
 
 def main() -> None:
+    from embedlab.data.readers import load_beir
+    from embedlab.evaluation.evaluators import RetrievalEvaluator
+    from embedlab.models import BiEncoder
+    from embedlab.resolvers import package_model_path
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-root", default=os.environ.get("EMBEDLAB_DATA", "../shared/data"))
     parser.add_argument("--batch-size", type=int, default=64)
@@ -32,7 +57,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
     task = load_beir(Path(args.data_root) / "scifact", split="test")
     relevant = {q: {d for d, r in docs.items() if r >= 1} for q, docs in task.qrels.items()}
@@ -42,11 +66,7 @@ def main() -> None:
     evaluator = RetrievalEvaluator(task, k_values=(1, 3, 5, 10, 100), batch_size=args.batch_size)
     st = SentenceTransformer(path, device="cpu")
     st.max_seq_length = args.max_seq_length
-    st_eval = InformationRetrievalEvaluator(
-        queries=task.queries, corpus=task.corpus, relevant_docs=relevant, batch_size=args.batch_size,
-        ndcg_at_k=[10], map_at_k=[100], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10, 100],
-        show_progress_bar=False, name="scifact",
-    )
+    st_eval = st_ir_evaluator(task.queries, task.corpus, relevant, args.batch_size)
 
     times: dict[str, list[float]] = {"embedlab": [], "sentence-transformers": []}
     scores: dict[str, float] = {}
@@ -72,8 +92,7 @@ def main() -> None:
     lines = [
         "# Evaluation speed: SciFact test, all-MiniLM-L6-v2",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), device cpu",
+        machine_line(),
         f"- command: `python benchmarks/eval_speed.py --data-root DATA --batch-size {args.batch_size} "
         f"--max-seq-length {args.max_seq_length} --repeats {args.repeats}`",
         f"- data: {len(task.corpus)} documents, {len(task.queries)} queries; max_seq_length {args.max_seq_length}, batch size {args.batch_size}",

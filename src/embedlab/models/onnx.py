@@ -25,9 +25,9 @@ graph optimizer fuses into its attention kernel) whatever dtype the folder was s
 
 **int8** (``quantize=("int8",)`` / ``("int8_vnni",)``): ``onnxruntime.quantization.quantize_dynamic`` with
 what sentence-transformers' ``export_dynamic_quantized_onnx_model(model, "avx2" / "avx512_vnni")`` passes
-through optimum's ``AutoQuantizationConfig.avx2`` / ``.avx512_vnni(is_static=False)``: the weights of every
-MatMul with a constant weight matrix (the linear layers; not the attention products, not the embedding
-tables) in 8 bits, symmetric, one scale per output column (``per_channel=True``: a column with large weights
+through optimum's ``AutoQuantizationConfig.avx2`` / ``.avx512_vnni(is_static=False)`` for the weights (per-channel, symmetric), applied to every MatMul with a
+constant weight matrix only (the linear layers; optimum's default operator list also quantizes the attention
+products, which costs time here, so this is not byte-for-byte its graph; the embedding tables stay float32) in 8 bits, symmetric, one scale per output column (``per_channel=True``: a column with large weights
 does not coarsen the others'), full 8-bit range; activations unsigned, asymmetric. Weights are quantized once,
 at export; activations per batch, at run time, from their observed range ("dynamic"), so no calibration data is
 needed. The linear layers then run in 8-bit integer arithmetic (``DynamicQuantizeMatMul``): a quarter of the
