@@ -307,9 +307,6 @@ class OnnxTransformer(Transformer):
     """:class:`~embedlab.models.bi_encoder.Transformer` whose backbone is an :class:`OnnxBackbone`: the same
     tokenizer, ``tokenize`` / ``pad`` / ``hidden_size``, and ``forward(features)`` -> (B, L, H) float32."""
 
-    def __init__(self, backbone: OnnxBackbone, tokenizer, do_lower_case: bool = False) -> None:
-        super().__init__(backbone, tokenizer, do_lower_case=do_lower_case)
-
 
 def load_onnx_transformer(
     path: str, backend: str, threads: int | None = None, trust_remote_code: bool = False

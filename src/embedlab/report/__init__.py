@@ -12,7 +12,7 @@ from pathlib import Path
 
 from embedlab.report.sweep import Job, SweepError, is_optuna_search, load_jobs
 from embedlab.report.table import Table, build_table, default_metrics
-from embedlab.sweeps import JOB_FILE
+from embedlab.sweeps import read_record
 
 __all__ = ["Job", "SweepError", "Table", "build_report", "build_table", "load_jobs"]
 
@@ -30,14 +30,12 @@ def _wandb_project(jobs: list[Job]) -> str:
 
 
 def _optimized_metrics(jobs: list[Job]) -> list[str]:
-    import json
-
+    """The metric the sweep optimized, as a complete job's ``job.json`` (:func:`embedlab.sweeps.read_record`) says."""
     for job in jobs:
-        record = job.path / JOB_FILE if job.path is not None else None
-        if job.status == "complete" and record is not None and record.is_file():
-            metric = json.loads(record.read_text()).get("optimized_metric")
-            if metric in job.metrics:
-                return [metric]
+        record = read_record(job.path) if job.status == "complete" and job.path is not None else None
+        metric = (record or {}).get("optimized_metric")
+        if metric in job.metrics:
+            return [metric]
     return []
 
 

@@ -63,6 +63,8 @@ class Job:
     status: str  # complete | incomplete | missing; an Optuna trial: failed | pruned | running
     metrics: dict[str, float] = field(default_factory=dict)
     note: str = ""  # why it is not complete (an Optuna trial's failure)
+    # per-query files already read (a row is compared on several metrics, the baseline against every row)
+    _units: dict[Path, PerQuery] = field(default_factory=dict, repr=False, compare=False)
 
     def label(self, keys: list[str] | None = None) -> str:
         keys = list(self.overrides) if keys is None else keys
@@ -91,8 +93,10 @@ class Job:
         for stem in stems:
             for folder in folders:
                 path = per_query_path(folder, stem)
-                if path.is_file():
-                    return read_per_query(path)
+                if path not in self._units and path.is_file():
+                    self._units[path] = read_per_query(path)
+                if path in self._units:
+                    return self._units[path]
         raise FileNotFoundError(f"job {self.name}: no per-query file for {metric} in {self.path / 'runs'}")
 
 
@@ -108,13 +112,17 @@ def _job_folders(sweep_dir: Path) -> list[Path]:
     return sorted(found, key=order)
 
 
-def expected_overrides(sweep_dir: Path) -> list[list[str]] | None:
-    """Each job's override list as Hydra's basic sweeper expands ``multirun.yaml`` (``None``: no such file, or a
-    sweeper other than the basic one, e.g. Optuna, whose jobs are its trials)."""
+def _multirun_config(sweep_dir: Path):
+    """``<sweep_dir>/multirun.yaml`` (the sweep's config as Hydra saved it), or ``None`` when there is none."""
     path = sweep_dir / "multirun.yaml"
-    if not path.is_file():
+    return OmegaConf.load(path) if path.is_file() else None
+
+
+def expected_overrides(cfg) -> list[list[str]] | None:
+    """Each job's override list as Hydra's basic sweeper expands the sweep's ``multirun.yaml`` config ``cfg``
+    (``None``: no such file, or a sweeper other than the basic one, e.g. Optuna, whose jobs are its trials)."""
+    if cfg is None:
         return None
-    cfg = OmegaConf.load(path)
     sweeper = OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or ""
     if not sweeper.endswith("BasicSweeper"):
         return None
@@ -134,10 +142,13 @@ def _read_metrics(path: Path) -> dict[str, float]:
         raise SweepError(f"{path}: not a metrics.json of numbers ({err})") from None
 
 
-def is_optuna_search(sweep_dir: Path) -> bool:
-    path = sweep_dir / "multirun.yaml"
-    return path.is_file() and str(OmegaConf.select(OmegaConf.load(path), "hydra.sweeper._target_", default="")).endswith(
-        "EmbedlabOptunaSweeper")
+def is_optuna_search(sweep_dir: Path, cfg=None) -> bool:
+    """Whether ``sweep_dir`` holds an Optuna search (``hparams_search=optuna``); ``cfg``: its ``multirun.yaml``
+    config when already read."""
+    from hydra_plugins.embedlab_optuna.study import SWEEPER_TARGET
+
+    cfg = _multirun_config(sweep_dir) if cfg is None else cfg
+    return cfg is not None and OmegaConf.select(cfg, "hydra.sweeper._target_", default=None) == SWEEPER_TARGET
 
 
 def optuna_jobs(sweep_dir: Path) -> list[Job]:
@@ -163,13 +174,14 @@ def load_jobs(sweep_dir: str | Path) -> list[Job]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SweepError(f"{sweep_dir}: no such folder")
-    if is_optuna_search(sweep_dir):
+    cfg = _multirun_config(sweep_dir)
+    if is_optuna_search(sweep_dir, cfg):
         return optuna_jobs(sweep_dir)
     found = {}
     for folder in _job_folders(sweep_dir):
         overrides = [str(o) for o in (OmegaConf.load(folder / ".hydra" / "overrides.yaml") or [])]
         found[job_identity(overrides)] = (folder, overrides)
-    expected = expected_overrides(sweep_dir)
+    expected = expected_overrides(cfg)
     if expected is None and not found:
         raise SweepError(f"{sweep_dir}: no job folder (<job>/.hydra/overrides.yaml) and no multirun.yaml")
     jobs = []
